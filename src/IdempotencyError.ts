@@ -1,0 +1,244 @@
+/**
+ * The typed failures of `effect-idempotency`.
+ *
+ * Every error carries the idempotency `key` it concerns, so a caller can log or branch on it, and
+ * a stable `_tag` that the HTTP middleware maps to a status code.
+ *
+ * @since 0.1.0
+ */
+import * as Predicate from "effect/Predicate"
+import * as Schema from "effect/Schema"
+
+/**
+ * @since 0.1.0
+ * @category Type IDs
+ */
+export const TypeId: unique symbol = Symbol.for("effect-idempotency/IdempotencyError")
+
+/**
+ * @since 0.1.0
+ * @category Type IDs
+ */
+export type TypeId = typeof TypeId
+
+/**
+ * Tells whether a value is one of this library's errors.
+ *
+ * @since 0.1.0
+ * @category Refinements
+ */
+export const isIdempotencyError = (u: unknown): u is IdempotencyError => Predicate.hasProperty(u, TypeId)
+
+/**
+ * HTTP only: the route requires an idempotency key and the request had none.
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export class IdempotencyKeyMissing extends Schema.TaggedError<IdempotencyKeyMissing>(
+  "effect-idempotency/IdempotencyKeyMissing"
+)("IdempotencyKeyMissing", {
+  key: Schema.String
+}) {
+  /**
+   * @since 0.1.0
+   */
+  readonly [TypeId]: TypeId = TypeId
+
+  /**
+   * @since 0.1.0
+   */
+  get message(): string {
+    return "An idempotency key is required for this request"
+  }
+}
+
+/**
+ * Why a key, or the request around it, was refused before storage was touched.
+ *
+ * - `empty`, `too-long`, `control-character`: the key itself.
+ * - `malformed-header`: HTTP only, the header is not a token or a valid quoted string.
+ * - `duplicate-header`: HTTP only, the header was sent more than once.
+ * - `unencodable-fingerprint`: the fingerprint is not a JSON-like value (a bigint, a function, a cycle).
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export const KeyInvalidReason = Schema.Literal(
+  "empty",
+  "too-long",
+  "control-character",
+  "malformed-header",
+  "duplicate-header",
+  "unencodable-fingerprint"
+)
+
+/**
+ * @since 0.1.0
+ * @category Errors
+ */
+export type KeyInvalidReason = typeof KeyInvalidReason.Type
+
+/**
+ * The key cannot be used: see `reason`.
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export class IdempotencyKeyInvalid extends Schema.TaggedError<IdempotencyKeyInvalid>(
+  "effect-idempotency/IdempotencyKeyInvalid"
+)("IdempotencyKeyInvalid", {
+  key: Schema.String,
+  reason: KeyInvalidReason,
+  detail: Schema.String
+}) {
+  /**
+   * @since 0.1.0
+   */
+  readonly [TypeId]: TypeId = TypeId
+
+  /**
+   * @since 0.1.0
+   */
+  get message(): string {
+    return `Invalid idempotency key (${this.reason}): ${this.detail}`
+  }
+}
+
+/**
+ * The key was used before with a different fingerprint (another request body, another input).
+ * This wins over {@link IdempotencyInFlight}: a mismatch is reported even while the first run is
+ * still going.
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export class IdempotencyKeyReused extends Schema.TaggedError<IdempotencyKeyReused>(
+  "effect-idempotency/IdempotencyKeyReused"
+)("IdempotencyKeyReused", {
+  key: Schema.String
+}) {
+  /**
+   * @since 0.1.0
+   */
+  readonly [TypeId]: TypeId = TypeId
+
+  /**
+   * @since 0.1.0
+   */
+  get message(): string {
+    return "The idempotency key was already used with a different request"
+  }
+}
+
+/**
+ * The first run for the key is still in flight. `retryAfter` is how long its lease has left.
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export class IdempotencyInFlight extends Schema.TaggedError<IdempotencyInFlight>(
+  "effect-idempotency/IdempotencyInFlight"
+)("IdempotencyInFlight", {
+  key: Schema.String,
+  retryAfter: Schema.DurationFromMillis
+}) {
+  /**
+   * @since 0.1.0
+   */
+  readonly [TypeId]: TypeId = TypeId
+
+  /**
+   * @since 0.1.0
+   */
+  get message(): string {
+    return "A request with this idempotency key is already in progress"
+  }
+}
+
+/**
+ * The holder's lease expired or was taken over before it could commit: its result was not stored.
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export class IdempotencyLeaseLost extends Schema.TaggedError<IdempotencyLeaseLost>(
+  "effect-idempotency/IdempotencyLeaseLost"
+)("IdempotencyLeaseLost", {
+  key: Schema.String,
+  fence: Schema.Number
+}) {
+  /**
+   * @since 0.1.0
+   */
+  readonly [TypeId]: TypeId = TypeId
+
+  /**
+   * @since 0.1.0
+   */
+  get message(): string {
+    return "The idempotency lease was lost before the result could be stored"
+  }
+}
+
+/**
+ * The storage failed or could not be reached. `operation` names the protocol step (`acquire`,
+ * `commit`, `encode`, ...) and `cause` keeps the backend's own error.
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export class IdempotencyStorageError extends Schema.TaggedError<IdempotencyStorageError>(
+  "effect-idempotency/IdempotencyStorageError"
+)("IdempotencyStorageError", {
+  key: Schema.String,
+  operation: Schema.String,
+  cause: Schema.optional(Schema.Defect)
+}) {
+  /**
+   * @since 0.1.0
+   */
+  readonly [TypeId]: TypeId = TypeId
+
+  /**
+   * @since 0.1.0
+   */
+  get message(): string {
+    const cause = this.cause instanceof Error ? `: ${this.cause.message}` : ""
+    return `Idempotency storage failed during ${this.operation}${cause}`
+  }
+}
+
+/**
+ * @since 0.1.0
+ * @category Errors
+ */
+export type IdempotencyError =
+  | IdempotencyKeyMissing
+  | IdempotencyKeyInvalid
+  | IdempotencyKeyReused
+  | IdempotencyInFlight
+  | IdempotencyLeaseLost
+  | IdempotencyStorageError
+
+/**
+ * The schema of every error above, for APIs that declare their failures.
+ *
+ * @since 0.1.0
+ * @category Schemas
+ */
+export const IdempotencyError: Schema.Union<[
+  typeof IdempotencyKeyMissing,
+  typeof IdempotencyKeyInvalid,
+  typeof IdempotencyKeyReused,
+  typeof IdempotencyInFlight,
+  typeof IdempotencyLeaseLost,
+  typeof IdempotencyStorageError
+]> = Schema.Union(
+  IdempotencyKeyMissing,
+  IdempotencyKeyInvalid,
+  IdempotencyKeyReused,
+  IdempotencyInFlight,
+  IdempotencyLeaseLost,
+  IdempotencyStorageError
+)

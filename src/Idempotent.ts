@@ -1,0 +1,168 @@
+/**
+ * `Idempotent.wrap` runs an effect at most once per idempotency key and replays its stored result
+ * to every later call with the same key: the retried `POST /payments`, the redelivered queue
+ * message, the job restarted after a crash.
+ *
+ * @since 0.1.0
+ */
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
+import { dual } from "effect/Function"
+import type * as Schema from "effect/Schema"
+import { type IdempotencyError, IdempotencyKeyInvalid } from "./IdempotencyError.js"
+import * as internalFingerprint from "./internal/fingerprint.js"
+import * as internal from "./internal/idempotent.js"
+import * as internalKey from "./internal/key.js"
+import * as ResultCodec from "./internal/resultCodec.js"
+import type * as Storage from "./Storage.js"
+
+/**
+ * The running effect's own view of its execution: the key, and the fence number of this
+ * acquisition. The fence grows with every new owner of the key, so a downstream system can refuse
+ * a write carrying a fence lower than one it has seen (a holder that lost its lease).
+ *
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { Idempotent } from "effect-idempotency"
+ *
+ * const charge = Effect.gen(function*() {
+ *   const { fence, key } = yield* Idempotent.Execution
+ *   yield* Effect.log(`charging for ${key} with fence ${fence}`)
+ * }).pipe(Idempotent.wrap({ key: "payment-7" }))
+ * ```
+ *
+ * @since 0.1.0
+ * @category Tags
+ */
+export const Execution: typeof internal.Execution = internal.Execution
+
+/**
+ * @since 0.1.0
+ * @category Models
+ */
+export type Execution = internal.Execution
+
+/**
+ * @since 0.1.0
+ * @category Models
+ */
+export type ExecutionInfo = internal.ExecutionInfo
+
+/**
+ * What a duplicate does while the first run is in flight: fail at once with
+ * `IdempotencyInFlight`, or wait up to `wait` for the first run to finish and replay its result.
+ *
+ * @since 0.1.0
+ * @category Models
+ */
+export type OnInFlight = "fail" | { readonly wait: Duration.DurationInput }
+
+/**
+ * @since 0.1.0
+ * @category Models
+ */
+export interface WrapOptions<A, F> {
+  /** The idempotency key: 1 to 255 characters, no control characters. */
+  readonly key: string
+  /**
+   * Any JSON-like value describing the request (object key order is ignored). A later call with
+   * the same key and another fingerprint fails with `IdempotencyKeyReused`.
+   */
+  readonly fingerprint?: unknown
+  /** Schema of the stored success. Default: the value is stored as JSON. */
+  readonly success?: Schema.Schema<A, any, never> | undefined
+  /** Schema of the failures to store and replay. Failures it cannot encode release the key. */
+  readonly failure?: Schema.Schema<F, any, never> | undefined
+  /** How long a completed result is kept. Default 24 hours. */
+  readonly ttl?: Duration.DurationInput | undefined
+  /** How long the in-flight lease lasts; it is renewed while the effect runs. Default 30 seconds. */
+  readonly lease?: Duration.DurationInput | undefined
+  /** Default `"fail"`. */
+  readonly onInFlight?: OnInFlight | undefined
+}
+
+const defaultTtl = Duration.hours(24)
+const defaultLease = Duration.seconds(30)
+
+const make = <A, E, R, F>(
+  self: Effect.Effect<A, E, R>,
+  options: WrapOptions<A, F>
+): Effect.Effect<A, E | F | IdempotencyError, Exclude<R, Execution> | Storage.Storage> => {
+  const ttl = options.ttl === undefined ? defaultTtl : Duration.decode(options.ttl)
+  const lease = options.lease === undefined ? defaultLease : Duration.decode(options.lease)
+  const onInFlight = options.onInFlight ?? "fail"
+  const wait = onInFlight === "fail" ? undefined : Duration.decode(onInFlight.wait)
+  const codec = ResultCodec.fromSchemas<A, E | F>(options.success, options.failure)
+  return Effect.suspend(() => {
+    const key = internalKey.validate(options.key)
+    if (Either.isLeft(key)) return Effect.fail(key.left)
+    const fingerprint = internalFingerprint.make(options.fingerprint)
+    if (Either.isLeft(fingerprint)) {
+      return Effect.fail(
+        new IdempotencyKeyInvalid({
+          key: key.right,
+          reason: "unencodable-fingerprint",
+          detail: fingerprint.left.detail
+        })
+      )
+    }
+    return internal.run<A, E | F, R>(self, { key: key.right, fingerprint: fingerprint.right, codec, ttl, lease, wait })
+  }).pipe(
+    Effect.withSpan("Idempotent.wrap", {
+      attributes: { "idempotency.key_hash": internalFingerprint.keyHash(String(options.key)) }
+    })
+  )
+}
+
+/**
+ * Runs the effect at most once per key while its result is kept, and replays the stored result
+ * (success, or a failure that `failure` encodes) to every later call. Other failures, defects and
+ * interruptions release the key so a retry runs again. Needs a `Storage` layer.
+ *
+ * @example
+ * ```ts
+ * import { Effect, Schema } from "effect"
+ * import { Idempotent, MemoryStorage } from "effect-idempotency"
+ *
+ * class Order extends Schema.Class<Order>("Order")({ id: Schema.String, total: Schema.Number }) {}
+ * class OutOfStock extends Schema.TaggedError<OutOfStock>()("OutOfStock", { sku: Schema.String }) {}
+ *
+ * const createOrder = (requestId: string, sku: string) =>
+ *   Effect.succeed(new Order({ id: `order-${requestId}`, total: 42 })).pipe(
+ *     Idempotent.wrap({
+ *       key: requestId,
+ *       fingerprint: { sku },
+ *       success: Order,
+ *       failure: OutOfStock,
+ *       onInFlight: { wait: "10 seconds" }
+ *     })
+ *   )
+ *
+ * const program = Effect.gen(function*() {
+ *   const first = yield* createOrder("req-1", "sku-1")
+ *   const retry = yield* createOrder("req-1", "sku-1") // replayed, not run again
+ *   return [first, retry]
+ * })
+ *
+ * Effect.runPromise(program.pipe(Effect.provide(MemoryStorage.layer())))
+ * ```
+ *
+ * @since 0.1.0
+ * @category Combinators
+ */
+export const wrap: {
+  <A = unknown, F = never>(
+    options: WrapOptions<A, F>
+  ): <A2 extends A, E, R>(
+    self: Effect.Effect<A2, E, R>
+  ) => Effect.Effect<A2, E | F | IdempotencyError, Exclude<R, Execution> | Storage.Storage>
+  <A, E, R, F = never>(
+    self: Effect.Effect<A, E, R>,
+    options: WrapOptions<NoInfer<A>, F>
+  ): Effect.Effect<A, E | F | IdempotencyError, Exclude<R, Execution> | Storage.Storage>
+} = dual(
+  (args) => Effect.isEffect(args[0]),
+  <A, E, R, F>(self: Effect.Effect<A, E, R>, options: WrapOptions<A, F>) => make(self, options)
+)

@@ -1,0 +1,296 @@
+import * as Cause from "effect/Cause"
+import * as Clock from "effect/Clock"
+import * as Context from "effect/Context"
+import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
+import * as Exit from "effect/Exit"
+import * as Metric from "effect/Metric"
+import * as Option from "effect/Option"
+import type * as Scope from "effect/Scope"
+import {
+  type IdempotencyError,
+  IdempotencyInFlight,
+  IdempotencyKeyReused,
+  IdempotencyLeaseLost,
+  IdempotencyStorageError
+} from "../IdempotencyError.js"
+import type { IdempotencyRecord } from "../IdempotencyRecord.js"
+import * as Storage from "../Storage.js"
+import { keyHash } from "./fingerprint.js"
+import * as LocalFlights from "./localFlights.js"
+import * as metrics from "./metrics.js"
+import type { ResultCodec } from "./resultCodec.js"
+
+/**
+ * What the wrapped effect can read about its own run.
+ *
+ * @internal
+ */
+export interface ExecutionInfo {
+  readonly key: string
+  readonly fence: number
+}
+
+/** @internal */
+export class Execution extends Context.Tag("effect-idempotency/Idempotent/Execution")<Execution, ExecutionInfo>() {}
+
+/**
+ * Everything a run needs, already validated and decoded.
+ *
+ * @internal
+ */
+export interface Settings<A, E> {
+  readonly key: string
+  readonly fingerprint: string
+  readonly codec: ResultCodec<A, E>
+  readonly ttl: Duration.Duration
+  readonly lease: Duration.Duration
+  /** How long a duplicate waits for the first run; `undefined` to fail at once. */
+  readonly wait: Duration.Duration | undefined
+}
+
+/** @internal */
+export type Outcome = "executed" | "replayed" | "in_flight" | "reused" | "lease_lost"
+
+const outcomeCounters: Record<Outcome, Metric.Metric.Counter<number>> = {
+  executed: metrics.executions,
+  replayed: metrics.replays,
+  in_flight: metrics.inFlight,
+  reused: metrics.keyReused,
+  lease_lost: metrics.leaseLost
+}
+
+const noteOutcome = (backend: string, outcome: Outcome) =>
+  Effect.zipRight(
+    Effect.annotateCurrentSpan("idempotency.outcome", outcome),
+    Metric.increment(Metric.tagged(outcomeCounters[outcome], "backend", backend))
+  )
+
+// Read after each wait, so a waiter that outlived the lease sees the key as it is now.
+type Waited = Option.Option<LocalFlights.Shared>
+
+/**
+ * Runs `self` at most once per key: the protocol that `Idempotent.wrap` and the HTTP middleware
+ * share.
+ *
+ * @internal
+ */
+export const run = <A, E, R>(
+  self: Effect.Effect<A, E, R>,
+  settings: Settings<A, E>
+): Effect.Effect<A, E | IdempotencyError, Exclude<R, Execution> | Storage.Storage> =>
+  Effect.flatMap(Storage.Storage, (storage) => {
+    const { codec, fingerprint, key } = settings
+    const backend = storage.backend
+    const leaseMillis = Duration.toMillis(settings.lease)
+    const request: Storage.AcquireRequest = { key, fingerprint, lease: settings.lease }
+
+    const reused = Effect.zipRight(noteOutcome(backend, "reused"), Effect.fail(new IdempotencyKeyReused({ key })))
+    const inFlight = (remainingMillis: number) =>
+      Effect.zipRight(
+        noteOutcome(backend, "in_flight"),
+        Effect.fail(new IdempotencyInFlight({ key, retryAfter: Duration.millis(Math.max(0, remainingMillis)) }))
+      )
+    const replay = (record: IdempotencyRecord): Effect.Effect<A, E | IdempotencyError> =>
+      record.fingerprint === fingerprint
+        ? Effect.zipRight(noteOutcome(backend, "replayed"), codec.decode(record))
+        : reused
+    const storageFailed = (error: IdempotencyStorageError) =>
+      Effect.zipRight(Metric.increment(Metric.tagged(metrics.storageErrors, "backend", backend)), Effect.fail(error))
+
+    return Effect.flatMap(Clock.currentTimeMillis, (startedAt) => {
+      const deadline = settings.wait === undefined ? startedAt : startedAt + Duration.toMillis(settings.wait)
+
+      return Effect.uninterruptibleMask((restore) => {
+        const acquire = Effect.catchAll(LocalFlights.acquire(storage, request), storageFailed)
+
+        const step = (shared: LocalFlights.Shared): Effect.Effect<A, E | IdempotencyError, Exclude<R, Execution>> => {
+          const result = shared.result
+          switch (result._tag) {
+            case "Completed":
+              return restore(replay(result.record))
+            case "InFlight": {
+              if (result.fingerprint !== undefined && result.fingerprint !== fingerprint) return reused
+              return Effect.flatMap(Clock.currentTimeMillis, (now) =>
+                now >= deadline
+                  ? inFlight(Duration.toMillis(result.leaseRemaining))
+                  : Effect.flatMap(waitForStore, step))
+            }
+            case "Acquired": {
+              if (shared.leader) return execute(result.lease, shared.flight)
+              if (shared.flight.fingerprint !== fingerprint) return reused
+              return awaitLocalRun(shared.flight)
+            }
+          }
+        }
+
+        // Subscribe, then look again, then sleep until woken or the holder's lease would end (a
+        // crashed holder sends no notice). Nothing committed between the look and the sleep is missed.
+        const waitForStore: Effect.Effect<LocalFlights.Shared, IdempotencyStorageError> = Effect.suspend(() =>
+          Effect.scoped(
+            Effect.flatMap(
+              Effect.catchAll(storage.watch(key), storageFailed),
+              (changed): Effect.Effect<Waited, IdempotencyStorageError, Scope.Scope> =>
+                Effect.flatMap(acquire, (shared) => {
+                  const result = shared.result
+                  if (result._tag !== "InFlight" || result.fingerprint !== fingerprint) {
+                    return Effect.succeed(Option.some(shared))
+                  }
+                  return Effect.flatMap(Clock.currentTimeMillis, (now) => {
+                    if (now >= deadline) return Effect.succeed(Option.some(shared))
+                    const sleep = Math.min(Duration.toMillis(result.leaseRemaining), deadline - now)
+                    return Effect.as(restore(Effect.raceFirst(changed, Effect.sleep(sleep))), Option.none())
+                  })
+                })
+            )
+          ).pipe(Effect.flatMap(Option.match({ onNone: () => waitForStore, onSome: Effect.succeed })))
+        )
+
+        const awaitLocalRun = (flight: LocalFlights.Flight) =>
+          Effect.flatMap(Clock.currentTimeMillis, (now) => {
+            if (now >= deadline) return inFlight(flight.leaseExpiresAt - now)
+            return Effect.flatMap(
+              restore(Effect.timeoutOption(Deferred.await(flight.settled), deadline - now)),
+              Option.match({
+                onNone: () => Effect.flatMap(Clock.currentTimeMillis, (now) => inFlight(flight.leaseExpiresAt - now)),
+                onSome: (settlement) =>
+                  settlement._tag === "Completed" ? restore(replay(settlement.record)) : Effect.flatMap(acquire, step)
+              })
+            )
+          })
+
+        const execute = (lease: Storage.Lease, flight: LocalFlights.Flight) =>
+          Effect.flatMap(Clock.currentTimeMillis, (acquiredAt) => {
+            flight.leaseExpiresAt = acquiredAt + leaseMillis
+            const program = Effect.provideService(self, Execution, { key, fence: lease.fence })
+            return noteOutcome(backend, "executed").pipe(
+              Effect.zipRight(
+                Effect.exit(restore(Effect.raceFirst(Effect.exit(program), renewal(lease, flight, acquiredAt))))
+              ),
+              Effect.flatMap((outer) => finish(lease, flight, outer))
+            )
+          })
+
+        // Extends the lease every third of it. A renewal that finds the lease gone, or storage
+        // failures lasting a whole lease, end the run: someone else may own the key by then.
+        const renewal = (
+          lease: Storage.Lease,
+          flight: LocalFlights.Flight,
+          acquiredAt: number
+        ): Effect.Effect<never, IdempotencyLeaseLost> => {
+          const lost = Effect.fail(new IdempotencyLeaseLost({ key, fence: lease.fence }))
+          if (!storage.capabilities.renewal) return Effect.zipRight(Effect.sleep(settings.lease), lost)
+          let lastRenewed = acquiredAt
+          const loop: Effect.Effect<never, IdempotencyLeaseLost> = Effect.zipRight(
+            Effect.sleep(leaseMillis / 3),
+            Effect.flatMap(Effect.either(storage.renew(lease, settings.lease)), (renewed) =>
+              Effect.flatMap(Clock.currentTimeMillis, (now) => {
+                if (Either.isRight(renewed)) {
+                  if (!renewed.right) return lost
+                  lastRenewed = now
+                  flight.leaseExpiresAt = now + leaseMillis
+                  return loop
+                }
+                if (now - lastRenewed >= leaseMillis) return lost
+                return Effect.zipRight(
+                  Effect.logWarning("idempotency lease renewal failed; retrying").pipe(
+                    Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: renewed.left.message })
+                  ),
+                  loop
+                )
+              }))
+          )
+          return loop
+        }
+
+        const releaseKey = (lease: Storage.Lease, flight: LocalFlights.Flight) =>
+          storage.release(lease).pipe(
+            Effect.catchAll((error) =>
+              Effect.logWarning("idempotency release failed; the key frees when its lease ends").pipe(
+                Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: error.message })
+              )
+            ),
+            Effect.zipRight(Metric.increment(Metric.tagged(metrics.releases, "backend", backend))),
+            Effect.ensuring(Effect.sync(() => LocalFlights.settle(storage, flight, LocalFlights.released)))
+          )
+
+        const store = (
+          lease: Storage.Lease,
+          flight: LocalFlights.Flight,
+          outcome: IdempotencyRecord["outcome"],
+          payload: Uint8Array
+        ): Effect.Effect<void, IdempotencyLeaseLost> =>
+          Effect.flatMap(Clock.currentTimeMillis, (now) => {
+            const record: IdempotencyRecord = {
+              key,
+              fingerprint,
+              outcome,
+              payload,
+              fence: lease.fence,
+              createdAt: now,
+              expiresAt: now + Duration.toMillis(settings.ttl)
+            }
+            return storage.commit(lease, { outcome, payload, ttl: settings.ttl }).pipe(
+              Effect.matchEffect({
+                onSuccess: (committed) => {
+                  if (committed) {
+                    LocalFlights.settle(storage, flight, { _tag: "Completed", record })
+                    return Effect.void
+                  }
+                  LocalFlights.settle(storage, flight, LocalFlights.released)
+                  return Effect.zipRight(
+                    noteOutcome(backend, "lease_lost"),
+                    Effect.fail(new IdempotencyLeaseLost({ key, fence: lease.fence }))
+                  )
+                },
+                // The run happened and its caller gets its result; local duplicates get it too. The
+                // store did not keep it, so a retry after the lease ends would run again: say so loudly.
+                onFailure: (error) => {
+                  LocalFlights.settle(storage, flight, { _tag: "Completed", record })
+                  return Effect.zipRight(
+                    Metric.increment(Metric.tagged(metrics.commitFailures, "backend", backend)),
+                    Effect.logError("idempotency commit failed; the result was returned but not stored").pipe(
+                      Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: error.message })
+                    )
+                  )
+                }
+              })
+            )
+          })
+
+        const finish = (
+          lease: Storage.Lease,
+          flight: LocalFlights.Flight,
+          outer: Exit.Exit<Exit.Exit<A, E>, IdempotencyLeaseLost>
+        ): Effect.Effect<A, E | IdempotencyError> => {
+          if (Exit.isFailure(outer)) {
+            const lost = Cause.failureOption(outer.cause)
+            if (Option.isSome(lost)) {
+              LocalFlights.settle(storage, flight, LocalFlights.released)
+              return Effect.zipRight(noteOutcome(backend, "lease_lost"), Effect.fail(lost.value))
+            }
+            return Effect.zipRight(releaseKey(lease, flight), Effect.failCause(outer.cause))
+          }
+          const exit = outer.value
+          if (Exit.isSuccess(exit)) {
+            const payload = codec.encodeSuccess(exit.value)
+            if (Either.isLeft(payload)) {
+              return Effect.zipRight(
+                releaseKey(lease, flight),
+                Effect.fail(new IdempotencyStorageError({ key, operation: "encode", cause: payload.left }))
+              )
+            }
+            return Effect.as(store(lease, flight, "success", payload.right), exit.value)
+          }
+          const failure = Cause.isFailType(exit.cause) ? Option.some(exit.cause.error) : Option.none()
+          const payload = Option.flatMap(failure, codec.encodeFailure)
+          if (Option.isNone(payload)) return Effect.zipRight(releaseKey(lease, flight), exit)
+          return Effect.zipRight(store(lease, flight, "failure", payload.value), exit)
+        }
+
+        return Effect.flatMap(acquire, step)
+      })
+    })
+  })

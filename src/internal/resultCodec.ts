@@ -1,0 +1,120 @@
+import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
+import * as Option from "effect/Option"
+import * as ParseResult from "effect/ParseResult"
+import * as Schema from "effect/Schema"
+import { IdempotencyStorageError } from "../IdempotencyError.js"
+import type { IdempotencyRecord, Outcome } from "../IdempotencyRecord.js"
+
+/**
+ * Turns a run's result into stored bytes and back. `Idempotent.wrap` builds one from the caller's
+ * Schemas; the HTTP middleware brings its own framing.
+ *
+ * @internal
+ */
+export interface ResultCodec<A, E> {
+  readonly encodeSuccess: (value: A) => Either.Either<Uint8Array, unknown>
+  /** `None` when the failure is not one the caller asked to store: the key is then released. */
+  readonly encodeFailure: (error: E) => Option.Option<Uint8Array>
+  readonly decode: (record: IdempotencyRecord) => Effect.Effect<A, E | IdempotencyStorageError>
+}
+
+const textEncoder = new TextEncoder()
+const textDecoder = new TextDecoder()
+const empty = new Uint8Array(0)
+
+// `undefined` (an `Effect<void>`) has no JSON text; it is stored as an empty payload.
+const toBytes = (encoded: unknown): Uint8Array => {
+  if (encoded === undefined) return empty
+  const json = JSON.stringify(encoded)
+  if (json === undefined) throw new TypeError(`a ${typeof encoded} is not a JSON value`)
+  return textEncoder.encode(json)
+}
+
+const fromBytes = (payload: Uint8Array): unknown =>
+  payload.length === 0 ? undefined : JSON.parse(textDecoder.decode(payload))
+
+type AnySchema = Schema.Schema<any, any, never>
+
+interface SchemaCodec {
+  readonly encode: (value: unknown) => Either.Either<unknown, ParseResult.ParseError>
+  readonly decode: (value: unknown) => Either.Either<unknown, ParseResult.ParseError>
+}
+
+// Schema's encoders are built per schema; cache them so a hot wrap does not rebuild them per call.
+const schemaCodecs = new WeakMap<AnySchema, SchemaCodec>()
+const schemaCodec = (schema: AnySchema): SchemaCodec => {
+  let codec = schemaCodecs.get(schema)
+  if (codec === undefined) {
+    codec = { encode: Schema.encodeUnknownEither(schema), decode: Schema.decodeUnknownEither(schema) }
+    schemaCodecs.set(schema, codec)
+  }
+  return codec
+}
+
+const identityCodec: SchemaCodec = { encode: Either.right, decode: Either.right }
+
+const encodeWith = (codec: SchemaCodec, value: unknown): Either.Either<Uint8Array, unknown> => {
+  const encoded = codec.encode(value)
+  if (Either.isLeft(encoded)) return Either.left(encoded.left)
+  try {
+    return Either.right(toBytes(encoded.right))
+  } catch (error) {
+    return Either.left(error)
+  }
+}
+
+const decodeWith = (
+  codec: SchemaCodec,
+  record: IdempotencyRecord
+): Either.Either<unknown, IdempotencyStorageError> => {
+  try {
+    const decoded = codec.decode(fromBytes(record.payload))
+    return Either.mapLeft(decoded, (cause) => new IdempotencyStorageError({ key: record.key, operation: "decode", cause }))
+  } catch (cause) {
+    return Either.left(new IdempotencyStorageError({ key: record.key, operation: "decode", cause }))
+  }
+}
+
+/**
+ * A codec over Schemas: the success with `success` (or as a JSON value when absent), failures
+ * that `failure` can encode, everything as UTF-8 JSON.
+ *
+ * @internal
+ */
+export const fromSchemas = <A, E>(
+  success: Schema.Schema<A, any, never> | undefined,
+  failure: Schema.Schema<any, any, never> | undefined
+): ResultCodec<A, E> => {
+  const successCodec = success === undefined ? identityCodec : schemaCodec(success)
+  const failureCodec = failure === undefined ? undefined : schemaCodec(failure)
+  return {
+    encodeSuccess: (value) => encodeWith(successCodec, value),
+    encodeFailure: (error) => {
+      if (failureCodec === undefined) return Option.none()
+      return Option.getRight(encodeWith(failureCodec, error))
+    },
+    decode: (record) => {
+      const outcome: Outcome = record.outcome
+      if (outcome === "success") {
+        return Either.match(decodeWith(successCodec, record), {
+          onLeft: Effect.fail,
+          onRight: (value) => Effect.succeed(value as A)
+        })
+      }
+      if (failureCodec === undefined) {
+        return Effect.fail(
+          new IdempotencyStorageError({
+            key: record.key,
+            operation: "decode",
+            cause: new Error("a stored failure was found, but no `failure` schema was given to decode it")
+          })
+        )
+      }
+      return Either.match(decodeWith(failureCodec, record), {
+        onLeft: Effect.fail,
+        onRight: (error) => Effect.fail(error as E)
+      })
+    }
+  }
+}

@@ -1,0 +1,4 @@
+import { randomUUID } from "node:crypto"
+
+/** @internal */
+export const make = (): string => randomUUID()
