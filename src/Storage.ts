@@ -187,7 +187,10 @@ export interface BasicStorage {
   readonly delete: (key: string) => Effect.Effect<void, IdempotencyStorageError>
   readonly exists: (key: string) => Effect.Effect<boolean, IdempotencyStorageError>
   /** Takes a lock that expires after `ttl`, or `None` when someone holds it. */
-  readonly tryLock: (key: string, ttl: Duration.Duration) => Effect.Effect<Option.Option<LockToken>, IdempotencyStorageError>
+  readonly tryLock: (
+    key: string,
+    ttl: Duration.Duration
+  ) => Effect.Effect<Option.Option<LockToken>, IdempotencyStorageError>
   /** Drops the lock if `token` holds it; `true` when it did. */
   readonly unlock: (key: string, token: LockToken) => Effect.Effect<boolean, IdempotencyStorageError>
 }
@@ -240,49 +243,58 @@ export const fromBasic = (basic: BasicStorage, options?: FromBasicOptions): Stor
   const acquire = (request: AcquireRequest): Effect.Effect<AcquireResult, IdempotencyStorageError> =>
     Effect.flatMap(readLive(request.key), (existing): Effect.Effect<AcquireResult, IdempotencyStorageError> => {
       if (Option.isSome(existing)) return Effect.succeed(AcquireResult.Completed({ record: existing.value }))
-      return Effect.flatMap(basic.tryLock(request.key, request.lease), (lock): Effect.Effect<AcquireResult, IdempotencyStorageError> => {
-        if (Option.isNone(lock)) {
-          return Effect.map(
-            Effect.zip(basic.get(markerKey(request.key)), Clock.currentTimeMillis),
-            ([marker, now]) =>
-              AcquireResult.InFlight({
-                fingerprint: Option.getOrUndefined(Option.map(marker, (marker) => marker.fingerprint)),
-                leaseRemaining: Option.match(marker, {
-                  onNone: () => request.lease,
-                  onSome: (marker) => Duration.millis(Math.max(0, marker.expiresAt - now))
+      return Effect.flatMap(
+        basic.tryLock(request.key, request.lease),
+        (lock): Effect.Effect<AcquireResult, IdempotencyStorageError> => {
+          if (Option.isNone(lock)) {
+            return Effect.map(
+              Effect.zip(basic.get(markerKey(request.key)), Clock.currentTimeMillis),
+              ([marker, now]) =>
+                AcquireResult.InFlight({
+                  fingerprint: Option.getOrUndefined(Option.map(marker, (marker) => marker.fingerprint)),
+                  leaseRemaining: Option.match(marker, {
+                    onNone: () => request.lease,
+                    onSome: (marker) => Duration.millis(Math.max(0, marker.expiresAt - now))
+                  })
                 })
-              })
-          )
-        }
-        const token = lock.value
-        return Effect.flatMap(readLive(request.key), (committedMeanwhile): Effect.Effect<AcquireResult, IdempotencyStorageError> => {
-          if (Option.isSome(committedMeanwhile)) {
-            return Effect.as(
-              basic.unlock(request.key, token),
-              AcquireResult.Completed({ record: committedMeanwhile.value })
             )
           }
-          return Effect.flatMap(Clock.currentTimeMillis, (now) =>
-            Effect.as(
-              basic.set({
-                key: markerKey(request.key),
-                fingerprint: request.fingerprint,
-                outcome: "success",
-                payload: new Uint8Array(0),
-                fence: 0,
-                createdAt: now,
-                expiresAt: now + Duration.toMillis(request.lease)
-              }, request.lease),
-              AcquireResult.Acquired({
-                lease: { key: request.key, fingerprint: request.fingerprint, token, fence: 0 }
-              })
-            ))
-        })
-      })
+          const token = lock.value
+          return Effect.flatMap(
+            readLive(request.key),
+            (committedMeanwhile): Effect.Effect<AcquireResult, IdempotencyStorageError> => {
+              if (Option.isSome(committedMeanwhile)) {
+                return Effect.as(
+                  basic.unlock(request.key, token),
+                  AcquireResult.Completed({ record: committedMeanwhile.value })
+                )
+              }
+              return Effect.flatMap(Clock.currentTimeMillis, (now) =>
+                Effect.as(
+                  basic.set({
+                    key: markerKey(request.key),
+                    fingerprint: request.fingerprint,
+                    outcome: "success",
+                    payload: new Uint8Array(0),
+                    fence: 0,
+                    createdAt: now,
+                    expiresAt: now + Duration.toMillis(request.lease)
+                  }, request.lease),
+                  AcquireResult.Acquired({
+                    lease: { key: request.key, fingerprint: request.fingerprint, token, fence: 0 }
+                  })
+                ))
+            }
+          )
+        }
+      )
     })
 
   const release = (lease: Lease) =>
-    Effect.tap(basic.unlock(lease.key, lease.token), (owned) => owned ? basic.delete(markerKey(lease.key)) : Effect.void)
+    Effect.tap(
+      basic.unlock(lease.key, lease.token),
+      (owned) => owned ? basic.delete(markerKey(lease.key)) : Effect.void
+    )
 
   return make({
     backend: options?.backend ?? "basic",

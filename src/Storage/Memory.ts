@@ -15,8 +15,8 @@ import * as Schedule from "effect/Schedule"
 import type * as Scope from "effect/Scope"
 import { IdempotencyStorageError } from "../IdempotencyError.js"
 import type { IdempotencyRecord } from "../IdempotencyRecord.js"
-import * as Storage from "../Storage.js"
 import * as internalToken from "../internal/token.js"
+import * as Storage from "../Storage.js"
 
 /**
  * @since 0.1.0

@@ -1,5 +1,5 @@
-import { createHash } from "node:crypto"
 import * as Either from "effect/Either"
+import { createHash } from "node:crypto"
 
 /** The fingerprint of a call that gave none. */
 export const none = ""

@@ -185,22 +185,25 @@ export const run = <A, E, R>(
           let lastRenewed = acquiredAt
           const loop: Effect.Effect<never, IdempotencyLeaseLost> = Effect.zipRight(
             Effect.sleep(leaseMillis / 3),
-            Effect.flatMap(Effect.either(storage.renew(lease, settings.lease)), (renewed) =>
-              Effect.flatMap(Clock.currentTimeMillis, (now) => {
-                if (Either.isRight(renewed)) {
-                  if (!renewed.right) return lost
-                  lastRenewed = now
-                  flight.leaseExpiresAt = now + leaseMillis
-                  return loop
-                }
-                if (now - lastRenewed >= leaseMillis) return lost
-                return Effect.zipRight(
-                  Effect.logWarning("idempotency lease renewal failed; retrying").pipe(
-                    Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: renewed.left.message })
-                  ),
-                  loop
-                )
-              }))
+            Effect.flatMap(
+              Effect.either(storage.renew(lease, settings.lease)),
+              (renewed) =>
+                Effect.flatMap(Clock.currentTimeMillis, (now) => {
+                  if (Either.isRight(renewed)) {
+                    if (!renewed.right) return lost
+                    lastRenewed = now
+                    flight.leaseExpiresAt = now + leaseMillis
+                    return loop
+                  }
+                  if (now - lastRenewed >= leaseMillis) return lost
+                  return Effect.zipRight(
+                    Effect.logWarning("idempotency lease renewal failed; retrying").pipe(
+                      Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: renewed.left.message })
+                    ),
+                    loop
+                  )
+                })
+            )
           )
           return loop
         }

@@ -70,7 +70,10 @@ const decodeWith = (
 ): Either.Either<unknown, IdempotencyStorageError> => {
   try {
     const decoded = codec.decode(fromBytes(record.payload))
-    return Either.mapLeft(decoded, (cause) => new IdempotencyStorageError({ key: record.key, operation: "decode", cause }))
+    return Either.mapLeft(
+      decoded,
+      (cause) => new IdempotencyStorageError({ key: record.key, operation: "decode", cause })
+    )
   } catch (cause) {
     return Either.left(new IdempotencyStorageError({ key: record.key, operation: "decode", cause }))
   }
