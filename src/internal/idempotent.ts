@@ -100,7 +100,10 @@ export const run = <A, E, R>(
     const storageFailed = (error: IdempotencyStorageError) =>
       Effect.zipRight(Metric.increment(Metric.tagged(metrics.storageErrors, "backend", backend)), Effect.fail(error))
 
-    return Effect.flatMap(Clock.currentTimeMillis, (startedAt) => {
+    // The caller's span (`Idempotent.wrap`, the HTTP middleware's) says which store answered.
+    const start = Effect.zipRight(Effect.annotateCurrentSpan("idempotency.backend", backend), Clock.currentTimeMillis)
+
+    return Effect.flatMap(start, (startedAt) => {
       const deadline = settings.wait === undefined ? startedAt : startedAt + Duration.toMillis(settings.wait)
 
       return Effect.uninterruptibleMask((restore) => {
@@ -135,7 +138,11 @@ export const run = <A, E, R>(
               (changed): Effect.Effect<Waited, IdempotencyStorageError, Scope.Scope> =>
                 Effect.flatMap(acquire, (shared) => {
                   const result = shared.result
-                  if (result._tag !== "InFlight" || result.fingerprint !== fingerprint) {
+                  // An unknown holder fingerprint (a basic store between lock and marker) is waited on, as
+                  // `step` does; handed back to `step`, it would come straight back here without sleeping.
+                  const otherRequest = result._tag === "InFlight" && result.fingerprint !== undefined &&
+                    result.fingerprint !== fingerprint
+                  if (result._tag !== "InFlight" || otherRequest) {
                     return Effect.succeed(Option.some(shared))
                   }
                   return Effect.flatMap(Clock.currentTimeMillis, (now) => {
@@ -186,7 +193,7 @@ export const run = <A, E, R>(
           const loop: Effect.Effect<never, IdempotencyLeaseLost> = Effect.zipRight(
             Effect.sleep(leaseMillis / 3),
             Effect.flatMap(
-              Effect.either(storage.renew(lease, settings.lease)),
+              Effect.either(Effect.suspend(() => storage.renew(lease, settings.lease))),
               (renewed) =>
                 Effect.flatMap(Clock.currentTimeMillis, (now) => {
                   if (Either.isRight(renewed)) {

@@ -1,0 +1,186 @@
+import { assert, describe, it } from "@effect/vitest"
+import { Duration, Effect, Option, TestClock } from "effect"
+import { IdempotencyError, Idempotent, Storage } from "../src/index.js"
+import { countingLayer, StorageCounts } from "./fixtures/CountingStorage.js"
+import { ended, failsWith, poll, successOf } from "./fixtures/Exits.js"
+
+const { IdempotencyLeaseLost, IdempotencyStorageError } = IdempotencyError
+
+const storageDown = (key: string, operation: string) =>
+  new IdempotencyStorageError({ key, operation, cause: new Error("connection refused") })
+
+/** A run that takes `duration`, notes whether it was interrupted, and answers `"done"`. */
+const longRun = (duration: Duration.DurationInput) => {
+  const state = { runs: 0, interrupted: false }
+  const effect = Effect.sync(() => state.runs++).pipe(
+    Effect.zipRight(Effect.sleep(duration)),
+    Effect.as("done"),
+    Effect.onInterrupt(() => Effect.sync(() => (state.interrupted = true)))
+  )
+  return { state, effect }
+}
+
+describe("Idempotent.wrap: leases", () => {
+  it.effect("renewal keeps a run longer than its lease alive, and its result is stored", () =>
+    Effect.gen(function*() {
+      const counts = yield* StorageCounts
+      const { effect, state } = longRun("10 seconds")
+      const fiber = yield* Effect.fork(Idempotent.wrap(effect, { key: "long-1", lease: "3 seconds" }))
+      yield* TestClock.adjust("10 seconds")
+      assert.strictEqual(successOf(yield* ended(fiber)), "done")
+      assert.isFalse(state.interrupted)
+      const storage = yield* Storage.Storage
+      assert.isTrue(Option.isSome(yield* storage.read("long-1")))
+      // Renewed every third of the lease: at 1, 2, ... 9 seconds (and maybe 10, racing the end).
+      assert.isAtLeast(counts.renew, 9)
+      assert.isAtMost(counts.renew, 10)
+    }).pipe(Effect.provide(countingLayer())))
+
+  it.effect("a key deleted under a running holder: the run is interrupted and fails with IdempotencyLeaseLost", () =>
+    Effect.gen(function*() {
+      const storage = yield* Storage.Storage
+      const { effect, state } = longRun("10 seconds")
+      const fiber = yield* Effect.fork(Idempotent.wrap(effect, { key: "long-2", lease: "3 seconds" }))
+      yield* TestClock.adjust("500 millis")
+      yield* storage.delete("long-2")
+      // The next renewal, at 1 second, finds the lease gone.
+      yield* TestClock.adjust("500 millis")
+      const error = failsWith(yield* ended(fiber), IdempotencyLeaseLost)
+      assert.strictEqual(error.key, "long-2")
+      assert.strictEqual(error.fence, 1)
+      assert.isTrue(state.interrupted)
+      assert.strictEqual(state.runs, 1)
+      assert.isTrue(Option.isNone(yield* storage.read("long-2")))
+    }).pipe(Effect.provide(countingLayer())))
+
+  it.effect("a renewal answered false (the lease was taken over) ends the run with IdempotencyLeaseLost", () =>
+    Effect.gen(function*() {
+      const counts = yield* StorageCounts
+      const storage = yield* Storage.Storage
+      const { effect, state } = longRun("10 seconds")
+      const fiber = yield* Effect.fork(Idempotent.wrap(effect, { key: "long-3", lease: "3 seconds" }))
+      yield* TestClock.adjust("1 second")
+      failsWith(yield* ended(fiber), IdempotencyLeaseLost)
+      assert.isTrue(state.interrupted)
+      assert.strictEqual(counts.commit, 0)
+      assert.isTrue(Option.isNone(yield* storage.read("long-3")))
+    }).pipe(Effect.provide(countingLayer(() => ({ renew: () => Effect.succeed(false) })))))
+
+  it.effect("renewal storage errors shorter than a lease are tolerated", () => {
+    let renewals = 0
+    const layer = countingLayer((inner) => ({
+      renew: (lease, duration) =>
+        ++renewals === 2 ? Effect.fail(storageDown(lease.key, "renew")) : inner.renew(lease, duration)
+    }))
+    return Effect.gen(function*() {
+      const storage = yield* Storage.Storage
+      const { effect, state } = longRun("5 seconds")
+      const fiber = yield* Effect.fork(Idempotent.wrap(effect, { key: "long-4", lease: "3 seconds" }))
+      yield* TestClock.adjust("5 seconds")
+      assert.strictEqual(successOf(yield* ended(fiber)), "done")
+      assert.isFalse(state.interrupted)
+      assert.isAtLeast(renewals, 4)
+      assert.isTrue(Option.isSome(yield* storage.read("long-4")))
+    }).pipe(Effect.provide(layer))
+  })
+
+  it.effect("renewal storage errors for a whole lease end the run with IdempotencyLeaseLost", () =>
+    Effect.gen(function*() {
+      const storage = yield* Storage.Storage
+      const { effect, state } = longRun("10 seconds")
+      const fiber = yield* Effect.fork(Idempotent.wrap(effect, { key: "long-5", lease: "3 seconds" }))
+      // Failed renewals at 1 and 2 seconds are retried: the last good renewal is less than a lease old.
+      yield* TestClock.adjust("2 seconds")
+      assert.isUndefined(yield* poll(fiber))
+      yield* TestClock.adjust("1 second")
+      failsWith(yield* ended(fiber), IdempotencyLeaseLost)
+      assert.isTrue(state.interrupted)
+      assert.isTrue(Option.isNone(yield* storage.read("long-5")))
+    }).pipe(Effect.provide(countingLayer(() => ({ renew: (lease) => Effect.fail(storageDown(lease.key, "renew")) })))))
+})
+
+describe("Idempotent.Execution", () => {
+  it.effect("the running effect reads its key and fence; a later owner gets a higher fence", () =>
+    Effect.gen(function*() {
+      const seen: Array<Idempotent.ExecutionInfo> = []
+      const job = Effect.gen(function*() {
+        const execution = yield* Idempotent.Execution
+        seen.push(execution)
+        if (seen.length === 1) return yield* Effect.fail(new Error("not stored: the key is released"))
+        return execution.fence
+      }).pipe(Idempotent.wrap({ key: "fenced-1" }))
+
+      yield* Effect.exit(job)
+      const fence = yield* job
+      assert.strictEqual(yield* job, fence, "replayed, not run a third time")
+      assert.strictEqual(seen.length, 2)
+      assert.deepStrictEqual(seen.map((execution) => execution.key), ["fenced-1", "fenced-1"])
+      assert.isAbove(seen[1]!.fence, seen[0]!.fence)
+      assert.strictEqual(fence, seen[1]!.fence)
+    }).pipe(Effect.provide(countingLayer())))
+})
+
+describe("Idempotent.wrap: ttl", () => {
+  it.effect("a result is replayed within its ttl and run again after it", () =>
+    Effect.gen(function*() {
+      let runs = 0
+      const call = Effect.sync(() => ++runs).pipe(Idempotent.wrap({ key: "ttl-1", ttl: "1 hour" }))
+      assert.strictEqual(yield* call, 1)
+      yield* TestClock.adjust("59 minutes")
+      assert.strictEqual(yield* call, 1)
+      yield* TestClock.adjust("2 minutes")
+      assert.strictEqual(yield* call, 2)
+      assert.strictEqual(yield* call, 2)
+      assert.strictEqual(runs, 2)
+    }).pipe(Effect.provide(countingLayer())))
+})
+
+describe("Idempotent.wrap: storage failures", () => {
+  it.effect("an acquire that fails fails closed with IdempotencyStorageError: the effect does not run", () =>
+    Effect.gen(function*() {
+      let runs = 0
+      const exit = yield* Effect.exit(Effect.sync(() => ++runs).pipe(Idempotent.wrap({ key: "down-1" })))
+      const error = failsWith(exit, IdempotencyStorageError)
+      assert.strictEqual(error.operation, "acquire")
+      assert.strictEqual(error.key, "down-1")
+      assert.strictEqual(runs, 0)
+    }).pipe(
+      Effect.provide(countingLayer(() => ({ acquire: (request) => Effect.fail(storageDown(request.key, "acquire")) })))
+    ))
+
+  it.effect("a commit that fails: the caller and a local duplicate still get the value of the one run", () =>
+    Effect.gen(function*() {
+      const counts = yield* StorageCounts
+      let runs = 0
+      const call = Effect.sleep("1 second").pipe(
+        Effect.zipRight(Effect.sync(() => ++runs)),
+        Idempotent.wrap({ key: "down-2", onInFlight: { wait: "10 seconds" } })
+      )
+      const first = yield* Effect.fork(call)
+      yield* TestClock.adjust(Duration.zero)
+      const duplicate = yield* Effect.fork(call)
+      yield* TestClock.adjust("1 second")
+      assert.strictEqual(successOf(yield* ended(first)), 1)
+      assert.strictEqual(successOf(yield* ended(duplicate)), 1)
+      assert.strictEqual(runs, 1)
+      assert.strictEqual(counts.commit, 1)
+    }).pipe(
+      Effect.provide(countingLayer(() => ({ commit: (lease) => Effect.fail(storageDown(lease.key, "commit")) })))
+    ))
+
+  it.effect("a success the default JSON cannot encode fails with IdempotencyStorageError \"encode\" and releases the key", () =>
+    Effect.gen(function*() {
+      const counts = yield* StorageCounts
+      const storage = yield* Storage.Storage
+      let runs = 0
+      const call = Effect.sync(() => ({ run: ++runs, amount: 10n })).pipe(Idempotent.wrap({ key: "encode-1" }))
+      const error = failsWith(yield* Effect.exit(call), IdempotencyStorageError)
+      assert.strictEqual(error.operation, "encode")
+      assert.strictEqual(counts.release, 1)
+      assert.strictEqual(counts.commit, 0)
+      assert.isTrue(Option.isNone(yield* storage.read("encode-1")))
+      // Released, not left in flight: the retry runs (and fails to encode) again.
+      failsWith(yield* Effect.exit(call), IdempotencyStorageError)
+      assert.strictEqual(runs, 2)
+    }).pipe(Effect.provide(countingLayer())))
+})
