@@ -1,7 +1,6 @@
 import * as Cause from "effect/Cause"
 import * as Clock from "effect/Clock"
 import * as Context from "effect/Context"
-import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
@@ -54,18 +53,18 @@ export interface Settings<A, E> {
 /** @internal */
 export type Outcome = "executed" | "replayed" | "in_flight" | "reused" | "lease_lost"
 
-const outcomeCounters: Record<Outcome, Metric.Metric.Counter<number>> = {
-  executed: metrics.executions,
-  replayed: metrics.replays,
-  in_flight: metrics.inFlight,
-  reused: metrics.keyReused,
-  lease_lost: metrics.leaseLost
+const outcomeCounter: Record<Outcome, keyof metrics.BackendCounters> = {
+  executed: "executions",
+  replayed: "replays",
+  in_flight: "inFlight",
+  reused: "keyReused",
+  lease_lost: "leaseLost"
 }
 
-const noteOutcome = (backend: string, outcome: Outcome) =>
+const noteOutcome = (counters: metrics.BackendCounters, outcome: Outcome) =>
   Effect.zipRight(
     Effect.annotateCurrentSpan("idempotency.outcome", outcome),
-    Metric.increment(Metric.tagged(outcomeCounters[outcome], "backend", backend))
+    Metric.increment(counters[outcomeCounter[outcome]])
   )
 
 // Read after each wait, so a waiter that outlived the lease sees the key as it is now.
@@ -84,21 +83,27 @@ export const run = <A, E, R>(
   Effect.flatMap(Storage.Storage, (storage) => {
     const { codec, fingerprint, key } = settings
     const backend = storage.backend
+    const counters = metrics.forBackend(backend)
     const leaseMillis = Duration.toMillis(settings.lease)
     const request: Storage.AcquireRequest = { key, fingerprint, lease: settings.lease }
 
-    const reused = Effect.zipRight(noteOutcome(backend, "reused"), Effect.fail(new IdempotencyKeyReused({ key })))
+    const reused = Effect.zipRight(
+      noteOutcome(counters, "reused"),
+      Effect.failSync(() => new IdempotencyKeyReused({ key }))
+    )
     const inFlight = (remainingMillis: number) =>
       Effect.zipRight(
-        noteOutcome(backend, "in_flight"),
-        Effect.fail(new IdempotencyInFlight({ key, retryAfter: Duration.millis(Math.max(0, remainingMillis)) }))
+        noteOutcome(counters, "in_flight"),
+        Effect.failSync(() =>
+          new IdempotencyInFlight({ key, retryAfter: Duration.millis(Math.max(0, remainingMillis)) })
+        )
       )
     const replay = (record: IdempotencyRecord): Effect.Effect<A, E | IdempotencyError> =>
       record.fingerprint === fingerprint
-        ? Effect.zipRight(noteOutcome(backend, "replayed"), codec.decode(record))
+        ? Effect.zipRight(noteOutcome(counters, "replayed"), codec.decode(record))
         : reused
     const storageFailed = (error: IdempotencyStorageError) =>
-      Effect.zipRight(Metric.increment(Metric.tagged(metrics.storageErrors, "backend", backend)), Effect.fail(error))
+      Effect.zipRight(Metric.increment(counters.storageErrors), Effect.fail(error))
 
     // The caller's span (`Idempotent.wrap`, the HTTP middleware's) says which store answered.
     const start = Effect.zipRight(Effect.annotateCurrentSpan("idempotency.backend", backend), Clock.currentTimeMillis)
@@ -159,7 +164,7 @@ export const run = <A, E, R>(
           Effect.flatMap(Clock.currentTimeMillis, (now) => {
             if (now >= deadline) return inFlight(flight.leaseExpiresAt - now)
             return Effect.flatMap(
-              restore(Effect.timeoutOption(Deferred.await(flight.settled), deadline - now)),
+              restore(Effect.timeoutOption(LocalFlights.awaitSettled(flight), deadline - now)),
               Option.match({
                 onNone: () => Effect.flatMap(Clock.currentTimeMillis, (now) => inFlight(flight.leaseExpiresAt - now)),
                 onSome: (settlement) =>
@@ -172,7 +177,7 @@ export const run = <A, E, R>(
           Effect.flatMap(Clock.currentTimeMillis, (acquiredAt) => {
             flight.leaseExpiresAt = acquiredAt + leaseMillis
             const program = Effect.provideService(self, Execution, { key, fence: lease.fence })
-            return noteOutcome(backend, "executed").pipe(
+            return noteOutcome(counters, "executed").pipe(
               Effect.zipRight(
                 Effect.exit(restore(Effect.raceFirst(Effect.exit(program), renewal(lease, flight, acquiredAt))))
               ),
@@ -187,7 +192,7 @@ export const run = <A, E, R>(
           flight: LocalFlights.Flight,
           acquiredAt: number
         ): Effect.Effect<never, IdempotencyLeaseLost> => {
-          const lost = Effect.fail(new IdempotencyLeaseLost({ key, fence: lease.fence }))
+          const lost = Effect.failSync(() => new IdempotencyLeaseLost({ key, fence: lease.fence }))
           if (!storage.capabilities.renewal) return Effect.zipRight(Effect.sleep(settings.lease), lost)
           let lastRenewed = acquiredAt
           const loop: Effect.Effect<never, IdempotencyLeaseLost> = Effect.zipRight(
@@ -222,7 +227,7 @@ export const run = <A, E, R>(
                 Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: error.message })
               )
             ),
-            Effect.zipRight(Metric.increment(Metric.tagged(metrics.releases, "backend", backend))),
+            Effect.zipRight(Metric.increment(counters.releases)),
             Effect.ensuring(Effect.sync(() => LocalFlights.settle(storage, flight, LocalFlights.released)))
           )
 
@@ -251,7 +256,7 @@ export const run = <A, E, R>(
                   }
                   LocalFlights.settle(storage, flight, LocalFlights.released)
                   return Effect.zipRight(
-                    noteOutcome(backend, "lease_lost"),
+                    noteOutcome(counters, "lease_lost"),
                     Effect.fail(new IdempotencyLeaseLost({ key, fence: lease.fence }))
                   )
                 },
@@ -260,7 +265,7 @@ export const run = <A, E, R>(
                 onFailure: (error) => {
                   LocalFlights.settle(storage, flight, { _tag: "Completed", record })
                   return Effect.zipRight(
-                    Metric.increment(Metric.tagged(metrics.commitFailures, "backend", backend)),
+                    Metric.increment(counters.commitFailures),
                     Effect.logError("idempotency commit failed; the result was returned but not stored").pipe(
                       Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: error.message })
                     )
@@ -279,7 +284,7 @@ export const run = <A, E, R>(
             const lost = Cause.failureOption(outer.cause)
             if (Option.isSome(lost)) {
               LocalFlights.settle(storage, flight, LocalFlights.released)
-              return Effect.zipRight(noteOutcome(backend, "lease_lost"), Effect.fail(lost.value))
+              return Effect.zipRight(noteOutcome(counters, "lease_lost"), Effect.fail(lost.value))
             }
             return Effect.zipRight(releaseKey(lease, flight), Effect.failCause(outer.cause))
           }

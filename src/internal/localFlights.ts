@@ -19,8 +19,13 @@ import type * as Storage from "../Storage.js"
 export interface Flight {
   readonly key: string
   readonly fingerprint: string
-  readonly acquired: Deferred.Deferred<Storage.AcquireResult, IdempotencyStorageError>
-  readonly settled: Deferred.Deferred<Settlement>
+  /** The leader's acquire, once answered. */
+  acquired: Exit.Exit<Storage.AcquireResult, IdempotencyStorageError> | undefined
+  /** The local run's end, once settled. */
+  settled: Settlement | undefined
+  // Made only when a duplicate arrives in time to wait: most calls have none, and each costs.
+  acquiredSignal: Deferred.Deferred<Storage.AcquireResult, IdempotencyStorageError> | undefined
+  settledSignal: Deferred.Deferred<Settlement> | undefined
   /** Epoch millis when the local holder's lease ends; moved on by each renewal. */
   leaseExpiresAt: number
 }
@@ -72,26 +77,40 @@ export const acquire = (
     const flights = flightsOf(storage)
     const existing = flights.get(request.key)
     if (existing !== undefined) {
-      return Effect.map(
-        Effect.interruptible(Deferred.await(existing.acquired)),
-        (result): Shared => ({ result, flight: existing, leader: false })
-      )
+      const join = (result: Storage.AcquireResult): Shared => ({ result, flight: existing, leader: false })
+      if (existing.acquired !== undefined) return Exit.map(existing.acquired, join)
+      existing.acquiredSignal ??= Deferred.unsafeMake(FiberId.none)
+      return Effect.map(Effect.interruptible(Deferred.await(existing.acquiredSignal)), join)
     }
     const flight: Flight = {
       key: request.key,
       fingerprint: request.fingerprint,
-      acquired: Deferred.unsafeMake(FiberId.none),
-      settled: Deferred.unsafeMake(FiberId.none),
+      acquired: undefined,
+      settled: undefined,
+      acquiredSignal: undefined,
+      settledSignal: undefined,
       leaseExpiresAt: 0
     }
     flights.set(request.key, flight)
     return Effect.flatMap(Effect.exit(storage.acquire(request)), (exit) => {
-      Deferred.unsafeDone(flight.acquired, exit)
+      flight.acquired = exit
+      if (flight.acquiredSignal !== undefined) Deferred.unsafeDone(flight.acquiredSignal, exit)
       // Only a lease held here keeps the flight; any other answer was shared and is done.
       if (!(Exit.isSuccess(exit) && exit.value._tag === "Acquired")) remove(flights, flight)
       return Exit.map(exit, (result): Shared => ({ result, flight, leader: true }))
     })
   })
+
+/**
+ * Waits for the local run of a flight to end.
+ *
+ * @internal
+ */
+export const awaitSettled = (flight: Flight): Effect.Effect<Settlement> => {
+  if (flight.settled !== undefined) return Effect.succeed(flight.settled)
+  flight.settledSignal ??= Deferred.unsafeMake(FiberId.none)
+  return Deferred.await(flight.settledSignal)
+}
 
 /**
  * Ends a local run: wakes the local callers waiting on it and forgets the flight.
@@ -101,5 +120,7 @@ export const acquire = (
 export const settle = (storage: Storage.StorageService, flight: Flight, settlement: Settlement): void => {
   const flights = registries.get(storage)
   if (flights !== undefined) remove(flights, flight)
-  Deferred.unsafeDone(flight.settled, Exit.succeed(settlement))
+  if (flight.settled !== undefined) return
+  flight.settled = settlement
+  if (flight.settledSignal !== undefined) Deferred.unsafeDone(flight.settledSignal, Exit.succeed(settlement))
 }

@@ -39,3 +39,42 @@ export const commitFailures = Metric.counter("idempotency_commit_failures_total"
 export const storageErrors = Metric.counter("idempotency_storage_errors_total", {
   description: "Calls that failed closed because the storage failed"
 })
+
+/** @internal */
+export interface BackendCounters {
+  readonly executions: Metric.Metric.Counter<number>
+  readonly replays: Metric.Metric.Counter<number>
+  readonly inFlight: Metric.Metric.Counter<number>
+  readonly keyReused: Metric.Metric.Counter<number>
+  readonly leaseLost: Metric.Metric.Counter<number>
+  readonly releases: Metric.Metric.Counter<number>
+  readonly commitFailures: Metric.Metric.Counter<number>
+  readonly storageErrors: Metric.Metric.Counter<number>
+}
+
+// Tagging builds and hashes a new metric key; do it once per backend, not on every call.
+const byBackend = new Map<string, BackendCounters>()
+
+/**
+ * The counters tagged with a backend's name.
+ *
+ * @internal
+ */
+export const forBackend = (backend: string): BackendCounters => {
+  let counters = byBackend.get(backend)
+  if (counters === undefined) {
+    const tag = <A extends Metric.Metric.Counter<number>>(metric: A) => Metric.tagged(metric, "backend", backend)
+    counters = {
+      executions: tag(executions),
+      replays: tag(replays),
+      inFlight: tag(inFlight),
+      keyReused: tag(keyReused),
+      leaseLost: tag(leaseLost),
+      releases: tag(releases),
+      commitFailures: tag(commitFailures),
+      storageErrors: tag(storageErrors)
+    }
+    byBackend.set(backend, counters)
+  }
+  return counters
+}
