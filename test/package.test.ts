@@ -45,7 +45,8 @@ const forbiddenFromRoot: ReadonlyArray<{ readonly name: string; readonly why: st
 
 /** Each public subpath that exists; a new backend or the HTTP module adds its own here. */
 const publicSubpaths = [
-  "effect-idempotency/testing"
+  "effect-idempotency/testing",
+  "effect-idempotency/Storage/Redis"
 ]
 
 /** What the root entry must export, per the public contract (API.md). */
@@ -187,13 +188,17 @@ process.stdout.write("\\n@@REPORT@@" + JSON.stringify(report) + "\\n")
 `
 
 const consumerTypes = `
-import { Effect } from "effect"
+import { Effect, Layer, Redacted } from "effect"
 import { IdempotencyError, Idempotent, MemoryStorage, Storage } from "effect-idempotency"
+import * as RedisStorage from "effect-idempotency/Storage/Redis"
 import { conformance } from "effect-idempotency/testing"
 
 export const program: Effect.Effect<number, IdempotencyError.IdempotencyError, Storage.Storage> = Effect.succeed(1)
   .pipe(Idempotent.wrap({ key: "k" }))
 export const used = [IdempotencyError.IdempotencyKeyReused, Storage.fromBasic, MemoryStorage.layer, conformance]
+export const redis: Layer.Layer<Storage.Storage, IdempotencyError.IdempotencyStorageError> = RedisStorage.layer({
+  url: Redacted.make("redis://127.0.0.1:6379")
+})
 `
 
 const consumerTsconfig = {

@@ -1,0 +1,567 @@
+/**
+ * Redis storage on ioredis, for services that run many instances: every protocol step is one Lua
+ * script call, so a first call costs two round trips (acquire, commit) and a replay one.
+ *
+ * Layout, for an idempotency key `k` and `h = sha256(k)` in hex:
+ *
+ * - `${prefix}:{h}`: a hash holding the lease or the completed record (`state` `L` or `C`,
+ *   `key`, `fp`, `token`, `fence`, `outcome`, `payload`, `createdAt`, `expiresAt`), expiring with
+ *   the lease while in flight and with the TTL once completed.
+ * - `${prefix}:{h}:fence`: the fencing counter, kept longer than any lease or record of the key.
+ * - `${prefix}:{h}:changed`: the sharded pub/sub channel that commit, release and delete publish
+ *   to, so waiters are woken without polling.
+ *
+ * The client's key is hashed, so no key a client sends can name anything else; all three names
+ * share the hash tag `{h}`, so one key lives in one Redis Cluster slot. Needs Redis 7 or later
+ * (`SPUBLISH`, `SSUBSCRIBE`).
+ *
+ * @since 0.1.0
+ */
+import * as Config from "effect/Config"
+import type { ConfigError } from "effect/ConfigError"
+import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as FiberId from "effect/FiberId"
+import * as Layer from "effect/Layer"
+import * as Option from "effect/Option"
+import * as Redacted from "effect/Redacted"
+import * as Runtime from "effect/Runtime"
+import type * as Scope from "effect/Scope"
+import type { Cluster, RedisOptions } from "ioredis"
+import { Redis } from "ioredis"
+import { IdempotencyStorageError } from "../IdempotencyError.js"
+import type { IdempotencyRecord } from "../IdempotencyRecord.js"
+import { sha256 } from "../internal/fingerprint.js"
+import * as Storage from "../Storage.js"
+
+/**
+ * Where and how to reach Redis.
+ *
+ * Give a `url`, ioredis `options`, or both (what the URL names, such as host, port, password or
+ * database, wins over the same options), to let the layer open and close its own connections; or
+ * an existing `client`, which the layer uses and never closes. Either way the layer opens one more connection of its own for pub/sub (a
+ * `duplicate()`; with a `Cluster`, one per master) and closes it when released.
+ *
+ * @since 0.1.0
+ * @category Models
+ */
+export interface RedisStorageOptions {
+  /** For example `Redacted.make("redis://127.0.0.1:6379")`. */
+  readonly url?: Redacted.Redacted<string> | undefined
+  /**
+   * ioredis options, merged over the defaults of connections this layer opens. The defaults fail
+   * fast while Redis is unreachable instead of queueing: no offline queue
+   * (`enableOfflineQueue: false`), no retry or resend of a command whose connection dropped
+   * (`maxRetriesPerRequest: 0`, `autoResendUnfulfilledCommands: false`), and `connectTimeout` and
+   * `commandTimeout` equal to `timeout`. The connections reconnect in the background.
+   * `lazyConnect` is always on: the layer connects, and fails to build if it cannot.
+   */
+  readonly options?: RedisOptions | undefined
+  /**
+   * An existing client, used as it is and never closed. Its offline queue and retries are its
+   * own: each call is still bounded by `timeout`, but a command that timed out may run later
+   * from that client's queue. Set `enableOfflineQueue: false` on it to fail fast.
+   */
+  readonly client?: Redis | Cluster | undefined
+  /** The first part of every Redis key and channel. Default `"idem"`. No `{` or `}`. */
+  readonly prefix?: string | undefined
+  /** The bound on connecting and on every storage call. Default 2 seconds. */
+  readonly timeout?: Duration.DurationInput | undefined
+}
+
+// Time after a key's last lease or record that its fence counter is kept. A counter that expires
+// anyway restarts from the server clock in milliseconds (see `acquireScript`), above every fence
+// it handed out unless the key averaged more than one new owner per millisecond.
+const fenceMargin = Duration.hours(1)
+
+// Redis rejects expiry times it cannot add to its clock; a hundred years is "forever" enough.
+const maxExpiryMillis = 100 * 365 * 24 * 60 * 60 * 1000
+
+const expiryMillis = (duration: Duration.Duration): number => {
+  const millis = Duration.toMillis(duration)
+  return Number.isFinite(millis) ? Math.min(Math.max(1, Math.ceil(millis)), maxExpiryMillis) : maxExpiryMillis
+}
+
+const fenceKeepMillis = (duration: Duration.Duration) => expiryMillis(Duration.sum(duration, fenceMargin))
+
+// Helpers shared by the scripts. Numbers are formatted with %d: Lua's own number-to-string
+// conversion may switch to exponent notation for epoch milliseconds.
+const luaHelpers = `
+local function nowMillis()
+  local time = redis.call("TIME")
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- The fence counter must outlive every lease and record of its key: only ever lengthen its life.
+local function keepFence(fence, keepMillis)
+  if redis.call("PTTL", fence) < tonumber(keepMillis) then
+    redis.call("PEXPIRE", fence, keepMillis)
+  end
+end
+
+local function owns(record, token)
+  local held = redis.call("HMGET", record, "state", "token")
+  return held[1] == "L" and held[2] == token
+end
+`
+
+/**
+ * KEYS: record, fence. ARGV: lease millis, token, fingerprint, raw key, fence keep millis.
+ * Answers `{"C", key, fp, outcome, payload, fence, createdAt, expiresAt}`, `{"L", fp, pttl}` or
+ * `{"A", fence}`.
+ */
+const acquireScript = `${luaHelpers}
+local record, fence = KEYS[1], KEYS[2]
+local found = redis.call("HMGET", record, "state", "key", "fp", "outcome", "payload", "fence", "createdAt", "expiresAt")
+if found[1] == "C" then
+  return { "C", found[2], found[3], found[4], found[5], found[6], found[7], found[8] }
+end
+if found[1] == "L" then
+  return { "L", found[3], redis.call("PTTL", record) }
+end
+
+local issued = redis.call("INCR", fence)
+if issued == 1 then
+  -- A new counter: the key was never used, or its counter expired after outliving every lease and
+  -- record. Starting from the clock keeps fences growing across that expiry.
+  issued = nowMillis()
+  redis.call("SET", fence, string.format("%d", issued))
+end
+keepFence(fence, ARGV[5])
+redis.call("HSET", record, "state", "L", "key", ARGV[4], "fp", ARGV[3], "token", ARGV[2], "fence", string.format("%d", issued))
+redis.call("PEXPIRE", record, ARGV[1])
+return { "A", issued }
+`
+
+/** KEYS: record, fence. ARGV: token, lease millis, fence keep millis. */
+const renewScript = `${luaHelpers}
+if not owns(KEYS[1], ARGV[1]) then return 0 end
+redis.call("PEXPIRE", KEYS[1], ARGV[2])
+keepFence(KEYS[2], ARGV[3])
+return 1
+`
+
+/** KEYS: record, fence. ARGV: token, outcome, payload, ttl millis, fence keep millis. */
+const commitScript = `${luaHelpers}
+local record = KEYS[1]
+if not owns(record, ARGV[1]) then return 0 end
+local now = nowMillis()
+redis.call("HDEL", record, "token")
+redis.call("HSET", record, "state", "C", "outcome", ARGV[2], "payload", ARGV[3],
+  "createdAt", string.format("%d", now), "expiresAt", string.format("%d", now + tonumber(ARGV[4])))
+redis.call("PEXPIRE", record, ARGV[4])
+keepFence(KEYS[2], ARGV[5])
+redis.call("SPUBLISH", record .. ":changed", "C")
+return 1
+`
+
+/** KEYS: record. ARGV: token. */
+const releaseScript = `${luaHelpers}
+if not owns(KEYS[1], ARGV[1]) then return 0 end
+redis.call("DEL", KEYS[1])
+redis.call("SPUBLISH", KEYS[1] .. ":changed", "R")
+return 1
+`
+
+/** KEYS: record. The fence counter stays, so fences keep growing after a delete. */
+const deleteScript = `
+redis.call("DEL", KEYS[1])
+redis.call("SPUBLISH", KEYS[1] .. ":changed", "D")
+return 1
+`
+
+// Names are namespaced: on a client the user passes in, they sit next to the user's own commands.
+const commands = {
+  acquire: "effectIdempotencyAcquire",
+  renew: "effectIdempotencyRenew",
+  commit: "effectIdempotencyCommit",
+  release: "effectIdempotencyRelease",
+  delete: "effectIdempotencyDelete"
+} as const
+
+type Reply = Buffer | number | null | ReadonlyArray<Reply>
+
+interface ScriptedClient {
+  effectIdempotencyAcquireBuffer(
+    record: string,
+    fence: string,
+    leaseMillis: number,
+    token: string,
+    fingerprint: string,
+    key: string,
+    fenceKeepMillis: number
+  ): Promise<ReadonlyArray<Reply>>
+  effectIdempotencyRenew(
+    record: string,
+    fence: string,
+    token: string,
+    leaseMillis: number,
+    fenceKeepMillis: number
+  ): Promise<number>
+  effectIdempotencyCommit(
+    record: string,
+    fence: string,
+    token: string,
+    outcome: string,
+    payload: Buffer,
+    ttlMillis: number,
+    fenceKeepMillis: number
+  ): Promise<number>
+  effectIdempotencyRelease(record: string, token: string): Promise<number>
+  effectIdempotencyDelete(record: string): Promise<number>
+  hmgetBuffer(record: string, ...fields: Array<string>): Promise<Array<Buffer | null>>
+}
+
+const defineScripts = (client: Redis | Cluster): ScriptedClient => {
+  client.defineCommand(commands.acquire, { lua: acquireScript, numberOfKeys: 2 })
+  client.defineCommand(commands.renew, { lua: renewScript, numberOfKeys: 2 })
+  client.defineCommand(commands.commit, { lua: commitScript, numberOfKeys: 2 })
+  client.defineCommand(commands.release, { lua: releaseScript, numberOfKeys: 1 })
+  client.defineCommand(commands.delete, { lua: deleteScript, numberOfKeys: 1 })
+  return client as unknown as ScriptedClient
+}
+
+const isCluster = (client: Redis | Cluster): client is Cluster => client.isCluster
+
+const text = (reply: Reply | undefined): string | undefined =>
+  Buffer.isBuffer(reply) ? reply.toString("utf8") : typeof reply === "number" ? String(reply) : undefined
+
+const integer = (reply: Reply | undefined): number | undefined => {
+  const value = typeof reply === "number" ? reply : Number(text(reply))
+  return Number.isSafeInteger(value) ? value : undefined
+}
+
+class UnexpectedReply extends Error {
+  constructor(readonly reply: unknown) {
+    super("unexpected reply from Redis: the key holds data this library did not write")
+  }
+}
+
+const toRecord = (fields: ReadonlyArray<Reply>): IdempotencyRecord | undefined => {
+  const [rawKey, rawFingerprint, rawOutcome, payload, rawFence, rawCreatedAt, rawExpiresAt] = fields
+  const key = text(rawKey)
+  const fingerprint = text(rawFingerprint)
+  const outcome = text(rawOutcome)
+  const fence = integer(rawFence)
+  const createdAt = integer(rawCreatedAt)
+  const expiresAt = integer(rawExpiresAt)
+  if (
+    key === undefined || fingerprint === undefined || (outcome !== "success" && outcome !== "failure") ||
+    !Buffer.isBuffer(payload) || fence === undefined || createdAt === undefined || expiresAt === undefined
+  ) return undefined
+  return { key, fingerprint, outcome, payload, fence, createdAt, expiresAt }
+}
+
+const recordFields = ["key", "fp", "outcome", "payload", "fence", "createdAt", "expiresAt"]
+
+// Connections this layer opens fail fast while Redis is away and never run a command twice: a
+// resent acquire could take a lease for an answer nobody reads, a resent commit could report a
+// stored result as lost.
+const connectionDefaults = (timeoutMillis: number): RedisOptions => ({
+  enableOfflineQueue: false,
+  maxRetriesPerRequest: 0,
+  autoResendUnfulfilledCommands: false,
+  connectTimeout: timeoutMillis,
+  commandTimeout: timeoutMillis,
+  retryStrategy: (attempt) => Math.min(attempt * 100, 1000)
+})
+
+interface Channel {
+  readonly subscribed: Promise<void>
+  readonly waiters: Set<Deferred.Deferred<void>>
+}
+
+/**
+ * Builds a Redis storage whose connections live as long as the scope. Fails with
+ * `IdempotencyStorageError` (operation `connect`) when Redis cannot be reached within `timeout`.
+ *
+ * @since 0.1.0
+ * @category Constructors
+ */
+export const make = (
+  options: RedisStorageOptions
+): Effect.Effect<Storage.StorageService, IdempotencyStorageError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const prefix = options.prefix ?? "idem"
+    const timeout = Duration.decode(options.timeout ?? Duration.seconds(2))
+    // ioredis sets its timers with setTimeout, which takes at most 2^31 - 1 millis.
+    const timeoutMillis = Math.min(expiryMillis(timeout), 2 ** 31 - 1)
+    const runtime = yield* Effect.runtime<never>()
+
+    if (/[{}]/.test(prefix)) {
+      return yield* new IdempotencyStorageError({
+        key: "",
+        operation: "configure",
+        cause: new Error(`the prefix ${JSON.stringify(prefix)} holds { or }, which would change the hash tag`)
+      })
+    }
+
+    const failure = (operation: string, key: string) => (cause: unknown) =>
+      new IdempotencyStorageError({ key, operation, cause })
+
+    // Every call is bounded here, so a client the user passed in cannot hang a caller either.
+    // `Idempotent.wrap` acquires and commits uninterruptibly; only the wait for Redis is made
+    // interruptible, so that the timeout can end that wait even there.
+    const call = <A>(
+      operation: string,
+      key: string,
+      run: () => Promise<A>
+    ): Effect.Effect<A, IdempotencyStorageError> =>
+      Effect.interruptible(Effect.tryPromise({ try: run, catch: failure(operation, key) })).pipe(
+        Effect.timeoutFail({
+          duration: timeout,
+          onTimeout: () => failure(operation, key)(new Error(`Redis did not answer within ${Duration.format(timeout)}`))
+        })
+      )
+
+    // ioredis rejects a failed connect with "Connection is closed."; the error event before it
+    // says why (refused, timed out, auth), so that is the cause reported.
+    const lastErrors = new WeakMap<Redis | Cluster, unknown>()
+    const logConnectionErrors = (connection: Redis | Cluster) =>
+      connection.on("error", (error: unknown) => {
+        lastErrors.set(connection, error)
+        Runtime.runFork(runtime)(
+          Effect.logDebug("idempotency redis connection error").pipe(
+            Effect.annotateLogs("cause", error instanceof Error ? error.message : String(error))
+          )
+        )
+      })
+
+    const close = (connection: Redis | Cluster) =>
+      (connection.status === "ready" ? call("close", "", () => connection.quit()) : Effect.void).pipe(
+        Effect.ignore,
+        Effect.ensuring(Effect.sync(() => connection.disconnect()))
+      )
+
+    const connect = (connection: Redis | Cluster) =>
+      call("connect", "", () =>
+        connection.connect().catch((error: unknown) => {
+          throw lastErrors.get(connection) ?? error
+        }))
+
+    // Ours to close: opened here, or a duplicate of the user's client.
+    const open = (create: () => Redis | Cluster) =>
+      Effect.acquireRelease(Effect.sync(() => logConnectionErrors(create())), close)
+
+    const defaults = connectionDefaults(timeoutMillis)
+    const client = options.client ?? (yield* open(() => {
+      const merged: RedisOptions = { ...defaults, ...options.options, lazyConnect: true }
+      return options.url === undefined ? new Redis(merged) : new Redis(Redacted.value(options.url), merged)
+    }))
+
+    const subscriber = yield* open(() =>
+      isCluster(client)
+        // Sharded pub/sub on a cluster needs a subscriber per master, which ioredis keeps for us.
+        ? client.duplicate([], { lazyConnect: true, shardedSubscribers: true })
+        : client.duplicate({ ...defaults, ...options.options, lazyConnect: true })
+    )
+
+    yield* Effect.all(
+      options.client === undefined ? [connect(client), connect(subscriber)] : [connect(subscriber)],
+      { concurrency: "unbounded", discard: true }
+    )
+
+    const scripts = defineScripts(client)
+    // A client's keyPrefix goes in front of keys, and of the channels it subscribes to, so the
+    // scripts publish to `${keyPrefix}${record}:changed`: the name messages arrive under.
+    const keyPrefix = (client.options as { readonly keyPrefix?: string | undefined }).keyPrefix ?? ""
+    const names = (key: string) => {
+      const record = `${prefix}:{${sha256(key)}}`
+      return {
+        record,
+        fence: `${record}:fence`,
+        channel: `${record}:changed`,
+        published: `${keyPrefix}${record}:changed`
+      }
+    }
+
+    const channels = new Map<string, Channel>()
+    const wake = (channel: Channel | undefined) =>
+      channel?.waiters.forEach((waiter) => Deferred.unsafeDone(waiter, Exit.void))
+    const wakeAll = () => channels.forEach(wake)
+    subscriber.on("smessageBuffer", (channel: Buffer) => wake(channels.get(channel.toString("utf8"))))
+    // A subscriber that lost its connection can no longer wake anyone: waiters look again at once
+    // (and fail fast while Redis is away) instead of sleeping out the lease. Notices published
+    // while it was away are lost, so waiters look again once it is back too.
+    subscriber.on("close", wakeAll)
+    subscriber.on("ready", wakeAll)
+    yield* Effect.addFinalizer(() => Effect.sync(wakeAll))
+
+    const watch = (key: string) => {
+      const { channel: name, published } = names(key)
+      return Effect.acquireRelease(
+        Effect.sync(() => {
+          let channel = channels.get(published)
+          if (channel === undefined) {
+            const created: Channel = {
+              subscribed: subscriber.ssubscribe(name).then(() => undefined),
+              waiters: new Set()
+            }
+            // A failed subscription is not kept: the next watcher tries again.
+            created.subscribed.catch(() => {
+              if (channels.get(published) === created) channels.delete(published)
+            })
+            channels.set(published, created)
+            channel = created
+          }
+          const waiter = Deferred.unsafeMake<void>(FiberId.none)
+          channel.waiters.add(waiter)
+          return { channel, waiter }
+        }),
+        ({ channel, waiter }) =>
+          Effect.sync(() => {
+            channel.waiters.delete(waiter)
+            if (channel.waiters.size > 0 || channels.get(published) !== channel) return
+            channels.delete(published)
+            subscriber.sunsubscribe(name).catch(() => undefined)
+          })
+      ).pipe(
+        // Acknowledged before it returns, so no change published after this is missed.
+        Effect.tap(({ channel }) => call("watch", key, () => channel.subscribed)),
+        Effect.map(({ waiter }) => Deferred.await(waiter))
+      )
+    }
+
+    const unexpected = (operation: string, key: string, reply: unknown) =>
+      Effect.fail(failure(operation, key)(new UnexpectedReply(reply)))
+
+    const acquire = (request: Storage.AcquireRequest) => {
+      const { fence, record } = names(request.key)
+      const token = Storage.makeToken()
+      return Effect.flatMap(
+        call("acquire", request.key, () =>
+          scripts.effectIdempotencyAcquireBuffer(
+            record,
+            fence,
+            expiryMillis(request.lease),
+            token,
+            request.fingerprint,
+            request.key,
+            fenceKeepMillis(request.lease)
+          )),
+        (reply): Effect.Effect<Storage.AcquireResult, IdempotencyStorageError> => {
+          switch (text(reply[0])) {
+            case "A": {
+              const fenceNumber = integer(reply[1])
+              if (fenceNumber === undefined) break
+              return Effect.succeed(Storage.AcquireResult.Acquired({
+                lease: { key: request.key, fingerprint: request.fingerprint, token, fence: fenceNumber }
+              }))
+            }
+            case "L": {
+              const remaining = integer(reply[2])
+              if (remaining === undefined) break
+              return Effect.succeed(Storage.AcquireResult.InFlight({
+                fingerprint: text(reply[1] ?? undefined),
+                leaseRemaining: Duration.millis(Math.max(0, remaining))
+              }))
+            }
+            case "C": {
+              const stored = toRecord(reply.slice(1))
+              if (stored === undefined) break
+              return Effect.succeed(Storage.AcquireResult.Completed({ record: stored }))
+            }
+          }
+          return unexpected("acquire", request.key, reply)
+        }
+      )
+    }
+
+    const renew = (lease: Storage.Lease, duration: Duration.Duration) => {
+      const { fence, record } = names(lease.key)
+      return Effect.map(
+        call("renew", lease.key, () =>
+          scripts.effectIdempotencyRenew(
+            record,
+            fence,
+            lease.token,
+            expiryMillis(duration),
+            fenceKeepMillis(duration)
+          )),
+        (renewed) => renewed === 1
+      )
+    }
+
+    const commit = (lease: Storage.Lease, request: Storage.CommitRequest) => {
+      const { fence, record } = names(lease.key)
+      const payload = Buffer.from(request.payload.buffer, request.payload.byteOffset, request.payload.byteLength)
+      return Effect.map(
+        call("commit", lease.key, () =>
+          scripts.effectIdempotencyCommit(
+            record,
+            fence,
+            lease.token,
+            request.outcome,
+            payload,
+            expiryMillis(request.ttl),
+            fenceKeepMillis(request.ttl)
+          )),
+        (committed) => committed === 1
+      )
+    }
+
+    const release = (lease: Storage.Lease) =>
+      Effect.map(
+        call("release", lease.key, () => scripts.effectIdempotencyRelease(names(lease.key).record, lease.token)),
+        (released) => released === 1
+      )
+
+    const read = (key: string) =>
+      Effect.flatMap(
+        call("read", key, () => scripts.hmgetBuffer(names(key).record, "state", ...recordFields)),
+        (fields): Effect.Effect<Option.Option<IdempotencyRecord>, IdempotencyStorageError> => {
+          if (text(fields[0] ?? undefined) !== "C") return Effect.succeed(Option.none())
+          const stored = toRecord(fields.slice(1))
+          return stored === undefined ? unexpected("read", key, fields) : Effect.succeed(Option.some(stored))
+        }
+      )
+
+    return Storage.make({
+      backend: "redis",
+      capabilities: { renewal: true, fencing: true, ownedCommit: true, notification: true },
+      acquire,
+      renew,
+      commit,
+      release,
+      read,
+      delete: (key) => Effect.asVoid(call("delete", key, () => scripts.effectIdempotencyDelete(names(key).record))),
+      watch
+    })
+  })
+
+/**
+ * A Redis storage layer. Layers built from the same Redis and prefix share their keys, as the
+ * instances of a service do.
+ *
+ * @example
+ * ```ts
+ * import { Effect, Redacted } from "effect"
+ * import { Idempotent } from "effect-idempotency"
+ * import * as RedisStorage from "effect-idempotency/Storage/Redis"
+ *
+ * const program = Effect.succeed(42).pipe(Idempotent.wrap({ key: "job-1" }))
+ *
+ * const RedisLive = RedisStorage.layer({ url: Redacted.make("redis://127.0.0.1:6379"), prefix: "orders" })
+ *
+ * Effect.runPromise(program.pipe(Effect.provide(RedisLive)))
+ * ```
+ *
+ * @since 0.1.0
+ * @category Layers
+ */
+export const layer = (options: RedisStorageOptions): Layer.Layer<Storage.Storage, IdempotencyStorageError> =>
+  Layer.scoped(Storage.Storage, make(options))
+
+/**
+ * A Redis storage layer read from `Config`, for example
+ * `RedisStorage.layerConfig({ url: Config.redacted("REDIS_URL") })`.
+ *
+ * @since 0.1.0
+ * @category Layers
+ */
+export const layerConfig = (
+  config: Config.Config.Wrap<RedisStorageOptions>
+): Layer.Layer<Storage.Storage, ConfigError | IdempotencyStorageError> =>
+  Layer.scoped(Storage.Storage, Effect.flatMap(Config.unwrap(config), make))
