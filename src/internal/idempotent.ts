@@ -1,10 +1,12 @@
 import * as Cause from "effect/Cause"
 import * as Clock from "effect/Clock"
 import * as Context from "effect/Context"
+import * as DefaultServices from "effect/DefaultServices"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
 import * as Metric from "effect/Metric"
 import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
@@ -66,6 +68,41 @@ const noteOutcome = (counters: metrics.BackendCounters, outcome: Outcome) =>
     Effect.annotateCurrentSpan("idempotency.outcome", outcome),
     Metric.increment(counters[outcomeCounter[outcome]])
   )
+
+const liveClock = Context.get(DefaultServices.liveServices, Clock.Clock)
+
+/**
+ * The run's exit, or `undefined` once `millis` pass first. On the live clock this is one timer
+ * and an observer on the fiber; forking a sleeper to race it would cost more than the rest of a
+ * first call. Any other clock (`TestClock`) gets the same race in plain Effect.
+ */
+const awaitRun = <A, E>(
+  run: Fiber.RuntimeFiber<A, E>,
+  millis: number
+): Effect.Effect<Exit.Exit<A, E> | undefined> =>
+  Effect.clockWith((clock) => {
+    if (clock !== liveClock) {
+      return Effect.raceFirst(Fiber.await(run), Effect.as(Effect.sleep(millis), undefined))
+    }
+    return Effect.async<Exit.Exit<A, E> | undefined>((resume) => {
+      // setTimeout fires at once past 2^31 - 1 millis: a longer wait has no timer, only the observer.
+      const timer = millis <= 2 ** 31 - 1
+        ? setTimeout(() => {
+          run.removeObserver(onExit)
+          resume(Effect.succeed(undefined))
+        }, millis)
+        : undefined
+      const onExit = (exit: Exit.Exit<A, E>) => {
+        clearTimeout(timer)
+        resume(Effect.succeed(exit))
+      }
+      run.addObserver(onExit)
+      return Effect.sync(() => {
+        clearTimeout(timer)
+        run.removeObserver(onExit)
+      })
+    })
+  })
 
 // Read after each wait, so a waiter that outlived the lease sees the key as it is now.
 type Waited = Option.Option<LocalFlights.Shared>
@@ -173,49 +210,70 @@ export const run = <A, E, R>(
             )
           })
 
+        // The run gets a fiber of its own, so that a lost lease can interrupt it without
+        // interrupting the caller; this fiber supervises it and renews the lease meanwhile.
         const execute = (lease: Storage.Lease, flight: LocalFlights.Flight) =>
           Effect.flatMap(Clock.currentTimeMillis, (acquiredAt) => {
             flight.leaseExpiresAt = acquiredAt + leaseMillis
             const program = Effect.provideService(self, Execution, { key, fence: lease.fence })
             return noteOutcome(counters, "executed").pipe(
-              Effect.zipRight(
-                Effect.exit(restore(Effect.raceFirst(Effect.exit(program), renewal(lease, flight, acquiredAt))))
-              ),
-              Effect.flatMap((outer) => finish(lease, flight, outer))
+              Effect.zipRight(Effect.fork(restore(program))),
+              Effect.flatMap((run) =>
+                Effect.flatMap(
+                  Effect.exit(restore(supervise(run, lease, flight, acquiredAt))),
+                  (outer) =>
+                    Exit.isFailure(outer) && Option.isNone(Cause.failureOption(outer.cause))
+                      // The caller was interrupted: the run goes with it, then the key is released.
+                      ? Effect.zipRight(Fiber.interrupt(run), finish(lease, flight, outer))
+                      // Like a join: what the run set in FiberRefs (log annotations, say) carries on.
+                      : Effect.zipRight(Fiber.inheritAll(run), finish(lease, flight, outer))
+                )
+              )
             )
           })
 
-        // Extends the lease every third of it. A renewal that finds the lease gone, or storage
-        // failures lasting a whole lease, end the run: someone else may own the key by then.
-        const renewal = (
+        // Waits for the run, renewing the lease every third of it. A renewal that finds the lease
+        // gone, or storage failures lasting a whole lease, end the run: someone else may own the
+        // key by then. A storage that cannot renew holds the lease for its first term only.
+        const supervise = (
+          run: Fiber.RuntimeFiber<A, E>,
           lease: Storage.Lease,
           flight: LocalFlights.Flight,
           acquiredAt: number
-        ): Effect.Effect<never, IdempotencyLeaseLost> => {
-          const lost = Effect.failSync(() => new IdempotencyLeaseLost({ key, fence: lease.fence }))
-          if (!storage.capabilities.renewal) return Effect.zipRight(Effect.sleep(settings.lease), lost)
-          let lastRenewed = acquiredAt
-          const loop: Effect.Effect<never, IdempotencyLeaseLost> = Effect.zipRight(
-            Effect.sleep(leaseMillis / 3),
-            Effect.flatMap(
-              Effect.either(Effect.suspend(() => storage.renew(lease, settings.lease))),
-              (renewed) =>
-                Effect.flatMap(Clock.currentTimeMillis, (now) => {
-                  if (Either.isRight(renewed)) {
-                    if (!renewed.right) return lost
-                    lastRenewed = now
-                    flight.leaseExpiresAt = now + leaseMillis
-                    return loop
-                  }
-                  if (now - lastRenewed >= leaseMillis) return lost
-                  return Effect.zipRight(
-                    Effect.logWarning("idempotency lease renewal failed; retrying").pipe(
-                      Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: renewed.left.message })
-                    ),
-                    loop
-                  )
-                })
+        ): Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> => {
+          const lost = Effect.zipRight(
+            Effect.uninterruptible(Fiber.interrupt(run)),
+            Effect.failSync(() => new IdempotencyLeaseLost({ key, fence: lease.fence }))
+          )
+          if (!storage.capabilities.renewal) {
+            return Effect.flatMap(
+              awaitRun(run, leaseMillis),
+              (exit) => exit === undefined ? lost : Effect.succeed(exit)
             )
+          }
+          let lastRenewed = acquiredAt
+          const renew: Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> = Effect.flatMap(
+            Effect.either(Effect.suspend(() => storage.renew(lease, settings.lease))),
+            (renewed) =>
+              Effect.flatMap(Clock.currentTimeMillis, (now) => {
+                if (Either.isRight(renewed)) {
+                  if (!renewed.right) return lost
+                  lastRenewed = now
+                  flight.leaseExpiresAt = now + leaseMillis
+                  return loop
+                }
+                if (now - lastRenewed >= leaseMillis) return lost
+                return Effect.zipRight(
+                  Effect.logWarning("idempotency lease renewal failed; retrying").pipe(
+                    Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: renewed.left.message })
+                  ),
+                  loop
+                )
+              })
+          )
+          const loop: Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> = Effect.flatMap(
+            awaitRun(run, leaseMillis / 3),
+            (exit) => exit === undefined ? renew : Effect.succeed(exit)
           )
           return loop
         }
