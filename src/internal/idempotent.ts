@@ -252,10 +252,15 @@ export const run = <A, E, R>(
             )
           }
           let lastRenewed = acquiredAt
-          const renew: Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> = Effect.flatMap(
+          // A slow renewal must not hold back a run that has ended: the two race, on renewal ticks only.
+          const renewOrEnd = Effect.raceFirst(
             Effect.either(Effect.suspend(() => storage.renew(lease, settings.lease))),
+            Fiber.await(run)
+          )
+          const renew: Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> = Effect.flatMap(
+            renewOrEnd,
             (renewed) =>
-              Effect.flatMap(Clock.currentTimeMillis, (now) => {
+              Exit.isExit(renewed) ? Effect.succeed(renewed) : Effect.flatMap(Clock.currentTimeMillis, (now) => {
                 if (Either.isRight(renewed)) {
                   if (!renewed.right) return lost
                   lastRenewed = now
