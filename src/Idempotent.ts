@@ -81,6 +81,13 @@ export interface WrapOptions<A, F> {
   readonly lease?: Duration.DurationInput | undefined
   /** Default `"fail"`. */
   readonly onInFlight?: OnInFlight | undefined
+  /**
+   * Run the effect and store its success in one storage transaction, so that the effect's own
+   * writes through the same client (an `@effect/sql` `SqlClient`) and the stored result commit
+   * together, or roll back together and leave the key free for a retry. Needs a storage with
+   * transactions (`SqlStorage`); others fail with `IdempotencyStorageError`. Default `false`.
+   */
+  readonly transactional?: boolean | undefined
 }
 
 const defaultTtl = Duration.hours(24)
@@ -108,7 +115,15 @@ const make = <A, E, R, F>(
         })
       )
     }
-    return internal.run<A, E | F, R>(self, { key: key.right, fingerprint: fingerprint.right, codec, ttl, lease, wait })
+    return internal.run<A, E | F, R>(self, {
+      key: key.right,
+      fingerprint: fingerprint.right,
+      codec,
+      ttl,
+      lease,
+      wait,
+      transactional: options.transactional === true
+    })
   }).pipe(
     Effect.withSpan("Idempotent.wrap", {
       attributes: { "idempotency.key_hash": internalFingerprint.keyHash(String(options.key)) },

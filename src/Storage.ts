@@ -147,6 +147,13 @@ export interface StorageService {
    * check, then await: that order misses no change.
    */
   readonly watch: (key: string) => Effect.Effect<Effect.Effect<void>, IdempotencyStorageError, Scope.Scope>
+  /**
+   * Runs an effect in one storage transaction, for `Idempotent.wrap({ transactional: true })`: the
+   * wrapped effect's own writes through the same client and the `commit` of its result land
+   * together or not at all. Only stores that share a client with the application have it (SQL).
+   * Every other method runs outside any such transaction, so that other callers see the lease.
+   */
+  readonly transaction?: <A, E, R>(self: Effect.Effect<A, E, R>) => Effect.Effect<A, E | IdempotencyStorageError, R>
 }
 
 /**

@@ -136,6 +136,18 @@ describe("Idempotent.wrap: ttl", () => {
 })
 
 describe("Idempotent.wrap: storage failures", () => {
+  it.effect("transactional on a storage without transactions fails closed before acquiring: the effect does not run", () =>
+    Effect.gen(function*() {
+      const counts = yield* StorageCounts
+      let runs = 0
+      const exit = yield* Effect.exit(
+        Effect.sync(() => ++runs).pipe(Idempotent.wrap({ key: "no-tx", transactional: true }))
+      )
+      assert.strictEqual(failsWith(exit, IdempotencyStorageError).operation, "transaction")
+      assert.strictEqual(runs, 0)
+      assert.strictEqual(counts.acquire, 0)
+    }).pipe(Effect.provide(countingLayer(() => ({})))))
+
   it.effect("an acquire that fails fails closed with IdempotencyStorageError: the effect does not run", () =>
     Effect.gen(function*() {
       let runs = 0

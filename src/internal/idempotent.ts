@@ -50,6 +50,16 @@ export interface Settings<A, E> {
   readonly lease: Duration.Duration
   /** How long a duplicate waits for the first run; `undefined` to fail at once. */
   readonly wait: Duration.Duration | undefined
+  /** Run the effect and commit its result in one storage transaction (`Storage.transaction`). */
+  readonly transactional: boolean
+}
+
+type RunExit<A, E> = Exit.Exit<Exit.Exit<A, E>, IdempotencyLeaseLost>
+
+/** Rolls a transactional run back, carrying how the run ended to the code after the transaction. */
+class RollBack<A, E> {
+  readonly _tag = "RollBack"
+  constructor(readonly outer: RunExit<A, E>) {}
 }
 
 /** @internal */
@@ -145,6 +155,16 @@ export const run = <A, E, R>(
     // The caller's span (`Idempotent.wrap`, the HTTP middleware's) says which store answered.
     const start = Effect.zipRight(Effect.annotateCurrentSpan("idempotency.backend", backend), Clock.currentTimeMillis)
 
+    if (settings.transactional && storage.transaction === undefined) {
+      return Effect.fail(
+        new IdempotencyStorageError({
+          key,
+          operation: "transaction",
+          cause: new Error(`the ${backend} storage has no transactions to run in`)
+        })
+      )
+    }
+
     return Effect.flatMap(start, (startedAt) => {
       const deadline = settings.wait === undefined ? startedAt : startedAt + Duration.toMillis(settings.wait)
 
@@ -216,21 +236,73 @@ export const run = <A, E, R>(
           Effect.flatMap(Clock.currentTimeMillis, (acquiredAt) => {
             flight.leaseExpiresAt = acquiredAt + leaseMillis
             const program = Effect.provideService(self, Execution, { key, fence: lease.fence })
-            return noteOutcome(counters, "executed").pipe(
-              Effect.zipRight(Effect.fork(restore(program))),
-              Effect.flatMap((run) =>
+            const runToEnd: Effect.Effect<RunExit<A, E>, never, Exclude<R, Execution>> = Effect.flatMap(
+              Effect.fork(restore(program)),
+              (run) =>
                 Effect.flatMap(
                   Effect.exit(restore(supervise(run, lease, flight, acquiredAt))),
                   (outer) =>
                     Exit.isFailure(outer) && Option.isNone(Cause.failureOption(outer.cause))
-                      // The caller was interrupted: the run goes with it, then the key is released.
-                      ? Effect.zipRight(Fiber.interrupt(run), finish(lease, flight, outer))
+                      // The caller was interrupted: the run goes with it.
+                      ? Effect.as(Fiber.interrupt(run), outer)
                       // Like a join: what the run set in FiberRefs (log annotations, say) carries on.
-                      : Effect.zipRight(Fiber.inheritAll(run), finish(lease, flight, outer))
+                      : Effect.as(Fiber.inheritAll(run), outer)
                 )
-              )
+            )
+            return Effect.zipRight(
+              noteOutcome(counters, "executed"),
+              storage.transaction !== undefined && settings.transactional
+                ? inTransaction(storage.transaction, runToEnd, lease, flight)
+                : Effect.flatMap(runToEnd, (outer) => finish(lease, flight, outer))
             )
           })
+
+        // The run and the commit of its success share one storage transaction, so the caller's own
+        // writes through the same client land with the stored result or not at all. Any other end
+        // rolls the transaction back and is then handled as usual: a typed failure is stored
+        // outside it, anything else releases the key.
+        const inTransaction = (
+          transaction: NonNullable<Storage.StorageService["transaction"]>,
+          runToEnd: Effect.Effect<RunExit<A, E>, never, Exclude<R, Execution>>,
+          lease: Storage.Lease,
+          flight: LocalFlights.Flight
+        ) =>
+          Effect.flatMap(
+            Effect.exit(transaction(Effect.flatMap(runToEnd, (outer) => {
+              if (Exit.isFailure(outer) || Exit.isFailure(outer.value)) return Effect.fail(new RollBack(outer))
+              const value = outer.value.value
+              const payload = codec.encodeSuccess(value)
+              if (Either.isLeft(payload)) return Effect.fail(new RollBack(outer))
+              return Effect.flatMap(Clock.currentTimeMillis, (now) => {
+                const record = recordOf(lease, "success", payload.right, now)
+                return Effect.flatMap(
+                  storage.commit(lease, { outcome: "success", payload: payload.right, ttl: settings.ttl }),
+                  (committed) =>
+                    committed
+                      ? Effect.succeed({ value, record })
+                      : Effect.fail(
+                        new RollBack<A, E>(Exit.fail(new IdempotencyLeaseLost({ key, fence: lease.fence })))
+                      )
+                )
+              })
+            }))),
+            (exit): Effect.Effect<A, E | IdempotencyError> => {
+              if (Exit.isSuccess(exit)) {
+                LocalFlights.settle(storage, flight, { _tag: "Completed", record: exit.value.record })
+                return Effect.succeed(exit.value.value)
+              }
+              const failure = Cause.failureOption(exit.cause)
+              if (Option.isSome(failure) && failure.value instanceof RollBack) {
+                return finish(lease, flight, failure.value.outer)
+              }
+              // The transaction itself failed (begin, the commit statement, or COMMIT): nothing the
+              // run wrote was kept, so neither is the key.
+              return Effect.zipRight(
+                releaseKey(lease, flight),
+                Effect.failCause(exit.cause as Cause.Cause<IdempotencyStorageError>)
+              )
+            }
+          )
 
         // Waits for the run, renewing the lease every third of it. A renewal that finds the lease
         // gone, or storage failures lasting a whole lease, end the run: someone else may own the
@@ -294,6 +366,22 @@ export const run = <A, E, R>(
             Effect.ensuring(Effect.sync(() => LocalFlights.settle(storage, flight, LocalFlights.released)))
           )
 
+        // What local duplicates replay: the record as the store keeps it.
+        const recordOf = (
+          lease: Storage.Lease,
+          outcome: IdempotencyRecord["outcome"],
+          payload: Uint8Array,
+          now: number
+        ): IdempotencyRecord => ({
+          key,
+          fingerprint,
+          outcome,
+          payload,
+          fence: lease.fence,
+          createdAt: now,
+          expiresAt: now + Duration.toMillis(settings.ttl)
+        })
+
         const store = (
           lease: Storage.Lease,
           flight: LocalFlights.Flight,
@@ -301,15 +389,7 @@ export const run = <A, E, R>(
           payload: Uint8Array
         ): Effect.Effect<void, IdempotencyLeaseLost> =>
           Effect.flatMap(Clock.currentTimeMillis, (now) => {
-            const record: IdempotencyRecord = {
-              key,
-              fingerprint,
-              outcome,
-              payload,
-              fence: lease.fence,
-              createdAt: now,
-              expiresAt: now + Duration.toMillis(settings.ttl)
-            }
+            const record = recordOf(lease, outcome, payload, now)
             return storage.commit(lease, { outcome, payload, ttl: settings.ttl }).pipe(
               Effect.matchEffect({
                 onSuccess: (committed) => {
@@ -341,7 +421,7 @@ export const run = <A, E, R>(
         const finish = (
           lease: Storage.Lease,
           flight: LocalFlights.Flight,
-          outer: Exit.Exit<Exit.Exit<A, E>, IdempotencyLeaseLost>
+          outer: RunExit<A, E>
         ): Effect.Effect<A, E | IdempotencyError> => {
           if (Exit.isFailure(outer)) {
             const lost = Cause.failureOption(outer.cause)
