@@ -14,9 +14,13 @@ export interface BenchConfig {
   readonly batches: number
 }
 
-/** A suite is one backend's set of cases. It builds (and releases) its own runtime. */
+/**
+ * A suite is one backend's set of cases. It builds (and releases) its own runtime. A suite whose
+ * calls cost a network round trip sets lower `defaults`; the BENCH_* variables still win.
+ */
 export interface Suite {
   readonly name: string
+  readonly defaults?: Partial<BenchConfig> | undefined
   readonly run: (config: BenchConfig) => Promise<void>
 }
 
@@ -68,6 +72,44 @@ export const measure = async (
   return summarize(name, micros, 1)
 }
 
+/** One latency case for {@link measureInterleaved}. */
+export interface Case {
+  readonly name: string
+  readonly call: (i: number) => Promise<unknown>
+}
+
+/**
+ * Times several cases one call at a time like {@link measure}, but in `rounds` interleaved slices
+ * (case A's slice, then B's, ..., then A's next slice), so that load that comes and goes on a
+ * shared machine falls on every case alike and the ratios between them stay meaningful. Each
+ * case's `i` counts on across its own warm-up and slices.
+ */
+export const measureInterleaved = async (
+  config: Pick<BenchConfig, "iterations" | "warmup">,
+  cases: ReadonlyArray<Case>,
+  rounds = 10
+): Promise<Array<Stats>> => {
+  for (const { call } of cases) {
+    for (let i = 0; i < config.warmup; i++) await call(i)
+  }
+  const samples = cases.map(() => new Float64Array(config.iterations))
+  const slices = Math.max(1, Math.min(rounds, config.iterations))
+  for (let slice = 0; slice < slices; slice++) {
+    const from = Math.floor(slice * config.iterations / slices)
+    const to = Math.floor((slice + 1) * config.iterations / slices)
+    for (let c = 0; c < cases.length; c++) {
+      const { call } = cases[c]!
+      const micros = samples[c]!
+      for (let i = from; i < to; i++) {
+        const start = performance.now()
+        await call(config.warmup + i)
+        micros[i] = (performance.now() - start) * 1000
+      }
+    }
+  }
+  return cases.map(({ name }, c) => summarize(name, samples[c]!, 1))
+}
+
 /** Times whole batches of `size` calls (e.g. 1,000 concurrent ones); `check` sees each batch's result. */
 export const measureBatches = async <A>(
   name: string,
@@ -88,10 +130,11 @@ export const measureBatches = async <A>(
   return summarize(name, micros, size)
 }
 
-const fixed = (value: number, digits: number) =>
+export const fixed = (value: number, digits: number) =>
   value.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits })
 
-const printRows = (header: ReadonlyArray<string>, rows: ReadonlyArray<ReadonlyArray<string>>) => {
+/** Prints a table: the first column left-aligned (a name), the others right-aligned (numbers). */
+export const printRows = (header: ReadonlyArray<string>, rows: ReadonlyArray<ReadonlyArray<string>>) => {
   const widths = header.map((cell, i) => Math.max(cell.length, ...rows.map((row) => row[i]!.length)))
   // The first column is a name, the rest are numbers: left- and right-aligned.
   const line = (cells: ReadonlyArray<string>) =>

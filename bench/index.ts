@@ -1,12 +1,17 @@
 /**
  * `npm run bench [suite...]`: runs the benchmark suites, all of them by default, or those named on
  * the command line or in BENCH_ONLY (comma separated). BENCH_ITERATIONS, BENCH_WARMUP and
- * BENCH_BATCHES set how hard each suite pushes. A backend adds its suite to `suites`.
+ * BENCH_BATCHES set how hard each suite pushes (over each suite's own defaults). A backend adds
+ * its suite to `suites`.
+ *
+ * A suite that fails (a service it needs is unreachable, an invariant broke) is reported and the
+ * run goes on with the next one; the exit code is then 1.
  */
 import type { BenchConfig, Suite } from "./harness.js"
 import * as Memory from "./memory.js"
+import * as Redis from "./redis.js"
 
-const suites: ReadonlyArray<Suite> = [Memory.suite]
+const suites: ReadonlyArray<Suite> = [Memory.suite, Redis.suite]
 
 const positiveInt = (name: string, fallback: number): number => {
   const raw = process.env[name]
@@ -16,12 +21,15 @@ const positiveInt = (name: string, fallback: number): number => {
   return value
 }
 
+const configFor = (suite: Suite): BenchConfig => ({
+  iterations: positiveInt("BENCH_ITERATIONS", suite.defaults?.iterations ?? 20_000),
+  warmup: positiveInt("BENCH_WARMUP", suite.defaults?.warmup ?? 2_000),
+  batches: positiveInt("BENCH_BATCHES", suite.defaults?.batches ?? 50)
+})
+
 const main = async () => {
-  const config: BenchConfig = {
-    iterations: positiveInt("BENCH_ITERATIONS", 20_000),
-    warmup: positiveInt("BENCH_WARMUP", 2_000),
-    batches: positiveInt("BENCH_BATCHES", 50)
-  }
+  // Read before anything runs, so a bad value fails at once rather than after the first suite.
+  const configs = new Map(suites.map((suite) => [suite, configFor(suite)]))
   const wanted = process.argv.slice(2).length > 0
     ? process.argv.slice(2)
     : (process.env.BENCH_ONLY ?? "").split(",").map((name) => name.trim()).filter((name) => name !== "")
@@ -31,14 +39,33 @@ const main = async () => {
   }
   const selected = wanted.length === 0 ? suites : suites.filter((suite) => wanted.includes(suite.name))
   console.log(`node ${process.version}, ${process.platform}/${process.arch}`)
+  const failed: Array<string> = []
   for (const suite of selected) {
     const started = performance.now()
-    await suite.run(config)
-    console.log(`\n${suite.name}: ${((performance.now() - started) / 1000).toFixed(1)} s`)
+    try {
+      await suite.run(configs.get(suite)!)
+      console.log(`\n${suite.name}: ${((performance.now() - started) / 1000).toFixed(1)} s`)
+    } catch (error) {
+      failed.push(suite.name)
+      console.error(
+        `\n${suite.name}: FAILED after ${((performance.now() - started) / 1000).toFixed(1)} s: ${message(error)}`
+      )
+    }
   }
+  if (failed.length > 0) throw new Error(`failed suite(s): ${failed.join(", ")}`)
 }
 
+const message = (error: unknown): string => error instanceof Error ? error.message : String(error)
+
 main().catch((error: unknown) => {
-  console.error(error instanceof Error ? error.message : error)
+  console.error(message(error))
   process.exitCode = 1
+}).finally(() => {
+  // Every suite closes what it opened, so the process should end by itself now. If a leaked
+  // socket or timer keeps it alive, say so and end it rather than hang (the timer itself does not
+  // keep the process alive).
+  setTimeout(() => {
+    console.error("bench: something the suites opened is still keeping the process alive; exiting")
+    process.exit(process.exitCode ?? 1)
+  }, 5_000).unref()
 })
