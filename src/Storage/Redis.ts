@@ -33,7 +33,7 @@ import type { Cluster, RedisOptions } from "ioredis"
 import { Redis } from "ioredis"
 import { IdempotencyStorageError } from "../IdempotencyError.js"
 import type { IdempotencyRecord } from "../IdempotencyRecord.js"
-import { sha256 } from "../internal/fingerprint.js"
+import { keyDigest } from "../internal/fingerprint.js"
 import * as Storage from "../Storage.js"
 
 /**
@@ -301,20 +301,43 @@ export const make = (
     const failure = (operation: string, key: string) => (cause: unknown) =>
       new IdempotencyStorageError({ key, operation, cause })
 
-    // Every call is bounded here, so a client the user passed in cannot hang a caller either.
-    // `Idempotent.wrap` acquires and commits uninterruptibly; only the wait for Redis is made
-    // interruptible, so that the timeout can end that wait even there.
+    // Every call is bounded here, so a client the user passed in cannot hang a caller either. The
+    // bound is a plain timer on the promise rather than `Effect.timeout`: that forks two fibers per
+    // command, which cost more than the round trip itself; and the timer ends the wait even where
+    // `Idempotent.wrap` acquires and commits uninterruptibly.
     const call = <A>(
       operation: string,
       key: string,
       run: () => Promise<A>
     ): Effect.Effect<A, IdempotencyStorageError> =>
-      Effect.interruptible(Effect.tryPromise({ try: run, catch: failure(operation, key) })).pipe(
-        Effect.timeoutFail({
-          duration: timeout,
-          onTimeout: () => failure(operation, key)(new Error(`Redis did not answer within ${Duration.format(timeout)}`))
+      Effect.async<A, IdempotencyStorageError>((resume) => {
+        let settled = false
+        const settle = (result: Effect.Effect<A, IdempotencyStorageError>) => {
+          if (settled) return
+          settled = true
+          clearTimeout(timer)
+          resume(result)
+        }
+        const timer = setTimeout(
+          () =>
+            settle(
+              Effect.fail(failure(operation, key)(new Error(`Redis did not answer within ${Duration.format(timeout)}`)))
+            ),
+          timeoutMillis
+        )
+        try {
+          run().then(
+            (value) => settle(Effect.succeed(value)),
+            (cause) => settle(Effect.fail(failure(operation, key)(cause)))
+          )
+        } catch (cause) {
+          settle(Effect.fail(failure(operation, key)(cause)))
+        }
+        return Effect.sync(() => {
+          settled = true
+          clearTimeout(timer)
         })
-      )
+      })
 
     // ioredis rejects a failed connect with "Connection is closed."; the error event before it
     // says why (refused, timed out, auth), so that is the cause reported.
@@ -368,7 +391,7 @@ export const make = (
     // scripts publish to `${keyPrefix}${record}:changed`: the name messages arrive under.
     const keyPrefix = (client.options as { readonly keyPrefix?: string | undefined }).keyPrefix ?? ""
     const names = (key: string) => {
-      const record = `${prefix}:{${sha256(key)}}`
+      const record = `${prefix}:{${keyDigest(key)}}`
       return {
         record,
         fence: `${record}:fence`,

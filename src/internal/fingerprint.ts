@@ -95,4 +95,22 @@ export const make = (value: unknown): Either.Either<string, UnencodableFingerpri
  *
  * @internal
  */
-export const keyHash = (key: string): string => sha256(key).slice(0, 16)
+export const keyHash = (key: string): string => keyDigest(key).slice(0, 16)
+
+// One call hashes its key for its span, then for the store's names at acquire and at commit:
+// remembering the last key makes that one hash in the common case.
+let lastKey: string | undefined
+let lastDigest = ""
+
+/**
+ * SHA-256 (hex) of a key, remembered for the most recent key.
+ *
+ * @internal
+ */
+export const keyDigest = (key: string): string => {
+  if (key !== lastKey) {
+    lastDigest = sha256(key)
+    lastKey = key
+  }
+  return lastDigest
+}
