@@ -22,6 +22,7 @@ const requiredPeers = ["effect", "@effect/platform"]
  * resolve log below instead of failing with a less telling ERR_MODULE_NOT_FOUND.
  */
 const optionalLinks = [
+  "@effect/platform-node",
   "@effect/sql",
   "@effect/experimental",
   "ioredis",
@@ -39,6 +40,7 @@ const forbiddenFromRoot: ReadonlyArray<{ readonly name: string; readonly why: st
   { name: "mysql2", why: "the MySQL driver belongs to the user's @effect/sql-mysql2 client" },
   { name: "better-sqlite3", why: "the SQLite driver belongs to the user's @effect/sql-sqlite-node client" },
   { name: "@effect/sql", why: "it is an optional peer: the root entry must work without it" },
+  { name: "@effect/platform-node", why: "the HTTP middleware is platform-neutral; only apps pick a server" },
   { name: "vitest", why: "the test runner belongs to effect-idempotency/testing" },
   { name: "@effect/vitest", why: "the test runner belongs to effect-idempotency/testing" }
 ]
@@ -46,7 +48,9 @@ const forbiddenFromRoot: ReadonlyArray<{ readonly name: string; readonly why: st
 /** Each public subpath that exists; a new backend or the HTTP module adds its own here. */
 const publicSubpaths = [
   "effect-idempotency/testing",
-  "effect-idempotency/Storage/Redis"
+  "effect-idempotency/Storage/Redis",
+  "effect-idempotency/Storage/Sql",
+  "effect-idempotency/Http/IdempotencyMiddleware"
 ]
 
 /** What the root entry must export, per the public contract (API.md). */
@@ -188,17 +192,29 @@ process.stdout.write("\\n@@REPORT@@" + JSON.stringify(report) + "\\n")
 `
 
 const consumerTypes = `
+import { HttpServerResponse } from "@effect/platform"
+import type { SqlClient } from "@effect/sql"
 import { Effect, Layer, Redacted } from "effect"
 import { IdempotencyError, Idempotent, MemoryStorage, Storage } from "effect-idempotency"
 import * as RedisStorage from "effect-idempotency/Storage/Redis"
+import * as SqlStorage from "effect-idempotency/Storage/Sql"
+import * as IdempotencyMiddleware from "effect-idempotency/Http/IdempotencyMiddleware"
 import { conformance } from "effect-idempotency/testing"
 
 export const program: Effect.Effect<number, IdempotencyError.IdempotencyError, Storage.Storage> = Effect.succeed(1)
   .pipe(Idempotent.wrap({ key: "k" }))
 export const used = [IdempotencyError.IdempotencyKeyReused, Storage.fromBasic, MemoryStorage.layer, conformance]
+export const middleware: IdempotencyMiddleware.IdempotencyMiddleware = IdempotencyMiddleware.make({
+  required: true,
+  onInFlight: { wait: "5 seconds" },
+  problem: (problem) => HttpServerResponse.unsafeJson(problem, { status: problem.status })
+})
+export const problemTypes: ReadonlyArray<IdempotencyMiddleware.ProblemType> = Object.values(IdempotencyMiddleware.ProblemType)
 export const redis: Layer.Layer<Storage.Storage, IdempotencyError.IdempotencyStorageError> = RedisStorage.layer({
   url: Redacted.make("redis://127.0.0.1:6379")
 })
+export const sql: Layer.Layer<Storage.Storage, IdempotencyError.IdempotencyStorageError, SqlClient.SqlClient> =
+  SqlStorage.layer({ table: "idempotency_records", cleanupInterval: "1 minute" })
 `
 
 const consumerTsconfig = {

@@ -1,0 +1,1049 @@
+/**
+ * SQL storage on any `@effect/sql` client: PostgreSQL (`@effect/sql-pg`), MySQL and MariaDB
+ * (`@effect/sql-mysql2`) and SQLite (`@effect/sql-sqlite-node` and the other SQLite clients). It
+ * needs no infrastructure beyond the database the application already has, and it can commit a
+ * stored result in the same transaction as the application's own writes
+ * (`Idempotent.wrap({ transactional: true })`).
+ *
+ * **One table**, created with its index if missing (default `idempotency_records`). A row per key:
+ *
+ * | column            | PostgreSQL    | MySQL / MariaDB                   | SQLite    |
+ * |-------------------|---------------|-----------------------------------|-----------|
+ * | `key_hash` (PK)   | `bytea`       | `BINARY(32)`                      | `BLOB`    |
+ * | `idempotency_key` | `text`        | `TEXT` utf8mb4, binary collation  | `TEXT`    |
+ * | `state`           | `text`        | `VARCHAR(16)`                     | `TEXT`    |
+ * | `token`           | `text`        | `VARCHAR(64)`                     | `TEXT`    |
+ * | `fingerprint`     | `text`        | `VARCHAR(255)`                    | `TEXT`    |
+ * | `fence`           | `bigint`      | `BIGINT`                          | `INTEGER` |
+ * | `outcome`         | `text`        | `VARCHAR(16)`                     | `TEXT`    |
+ * | `payload`         | `bytea`       | `LONGBLOB`                        | `BLOB`    |
+ * | `created_at`      | `timestamptz` | `BIGINT` epoch millis             | `INTEGER` epoch millis |
+ * | `expires_at`      | `timestamptz` | `BIGINT` epoch millis (indexed)   | `INTEGER` epoch millis (indexed) |
+ *
+ * The primary key is the SHA-256 of the key, so MySQL's case-insensitive and pad-space collations
+ * and index length limits never apply to keys; the key itself is kept as given in its own column.
+ * `state` is `in_flight` (a lease owned by `token` until `expires_at`) or `completed` (a record
+ * replayed until `expires_at`). MySQL and SQLite have no timestamp type with a time zone, so they
+ * keep epoch milliseconds, which also never overflow (MySQL's `TIMESTAMP` ends in 2038).
+ *
+ * **Time is the database's clock** (`clock_timestamp()` on PostgreSQL, `UTC_TIMESTAMP(6)` on MySQL,
+ * `julianday('now')` on SQLite), so application servers with skewed clocks agree on every lease
+ * and TTL. `TestClock` does not move it.
+ *
+ * **Statements.** Every protocol step is one statement that checks the owner's token and the
+ * expiry itself, except acquire on MySQL, which is two:
+ *
+ * - acquire on PostgreSQL: `WITH live AS (SELECT ... WHERE <not expired>), taken AS (INSERT ...
+ *   WHERE NOT EXISTS (SELECT 1 FROM live) ON CONFLICT DO UPDATE SET col = CASE WHEN <expired> THEN
+ *   <new> ELSE col END ... RETURNING ...) SELECT * FROM live UNION ALL SELECT * FROM taken`. A key
+ *   live in the statement's snapshot (a replay, a duplicate of a running call) is answered from it
+ *   and nothing is written. Otherwise the upsert's update always runs, so it locks and returns the
+ *   latest version of the row even when a concurrent winner committed it after the snapshot was
+ *   taken (where `ON CONFLICT DO NOTHING` plus a read would see nothing).
+ * - acquire on SQLite: the same upsert alone (one writer at a time makes it atomic).
+ * - acquire on MySQL: the same with `ON DUPLICATE KEY UPDATE col = IF(<expired>, ...)`, then a
+ *   `SELECT` of the row; the caller acquired only if the row then holds its token.
+ * - A first call is acquire and commit: two statements (three on MySQL); a replay is one (two on
+ *   MySQL).
+ * - renew, commit, release: one `UPDATE ... WHERE token = ? AND state = 'in_flight' AND
+ *   expires_at > now`. On PostgreSQL commit, release and delete also `pg_notify` in the same
+ *   statement (`WITH done AS (UPDATE ... RETURNING key_hash) SELECT pg_notify(...) FROM done`).
+ * - read: one `SELECT` of a completed row that has not expired. delete: one `DELETE`.
+ *
+ * **Fences** are kept in the row: a new key starts from the database clock in microseconds and
+ * each new owner adds one, across release, lease expiry and record expiry, which keep the row.
+ * Deleting a key (or the cleanup removing its expired row) forgets its fence; the next owner
+ * starts again from the clock, which is above every fence handed out before unless the key averaged
+ * more than one new owner per microsecond (per millisecond on SQLite, whose clock has no finer
+ * resolution), or the database clock went back.
+ *
+ * **Cleanup.** A fiber of the layer deletes expired rows every `cleanupInterval`, in batches of
+ * `cleanupBatchSize`, one statement each: on PostgreSQL rows locked with `FOR UPDATE SKIP LOCKED`,
+ * so that replicas never wait on each other; on MySQL `DELETE ... ORDER BY expires_at LIMIT n`;
+ * on SQLite a `rowid` subquery. Expired rows are never replayed whether or not they were deleted:
+ * every statement checks the expiry.
+ *
+ * **Waiting.** On PostgreSQL with a `PgClient` in the context (as `PgClient.layer` provides),
+ * waiters are woken by `LISTEN/NOTIFY`: the layer keeps one listening connection on the channel
+ * `<table>_changed`, shared by all its waiters, and checks it every second with a notice to itself;
+ * while it is down, waiters poll. Elsewhere (MySQL, SQLite, or PostgreSQL through a client that
+ * cannot listen) `watch` polls: it returns after `pollInterval`, growing by half each round while
+ * the same key is waited on, up to 1 second. A commit, release or delete made through the same
+ * layer wakes its own waiters at once. `capabilities.notification` says which.
+ *
+ * **Transactions.** The storage's `transaction` is the client's `withTransaction`. `commit` runs
+ * in the caller's context, so inside a transaction it lands in that transaction; every other step
+ * runs outside it on its own connection, so that other callers see the lease at once and a
+ * renewal is never held back by the caller's transaction. SQLite is the exception: its clients
+ * have one connection, and a statement outside an open transaction would wait for it forever, so
+ * there every step runs in the caller's transaction when there is one (and a lease is not renewed
+ * in the caller's transaction on another connection: no other writer gets in while it is open).
+ * A plain `Idempotent.wrap` inside a transaction of the caller's own commits its record with that
+ * transaction too: until it ends, other callers of the key wait on the row's lock, and if it rolls
+ * back, the key stays in flight until its lease ends.
+ *
+ * @since 0.1.0
+ */
+import * as SqlClient from "@effect/sql/SqlClient"
+import type { SqlError } from "@effect/sql/SqlError"
+import * as Cause from "effect/Cause"
+import * as Clock from "effect/Clock"
+import * as Context from "effect/Context"
+import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
+import * as Effect from "effect/Effect"
+import * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
+import * as FiberId from "effect/FiberId"
+import * as Layer from "effect/Layer"
+import * as Option from "effect/Option"
+import * as Predicate from "effect/Predicate"
+import type * as Scope from "effect/Scope"
+import * as Stream from "effect/Stream"
+import { createHash } from "node:crypto"
+import { IdempotencyStorageError } from "../IdempotencyError.js"
+import type { IdempotencyRecord } from "../IdempotencyRecord.js"
+import * as Storage from "../Storage.js"
+
+/**
+ * @since 0.1.0
+ * @category Models
+ */
+export interface SqlStorageOptions {
+  /**
+   * The table, created if missing. Default `"idempotency_records"`. Letters, digits and
+   * underscores, not starting with a digit, at most 48 characters (so that the index and channel
+   * names derived from it fit PostgreSQL's 63); it is quoted in every statement and lives in the
+   * connection's default schema or database.
+   */
+  readonly table?: string | undefined
+  /** How often expired rows are deleted. Default 1 minute. */
+  readonly cleanupInterval?: Duration.DurationInput | undefined
+  /** The most rows one cleanup statement deletes; batches follow until one is short. Default 1,000. */
+  readonly cleanupBatchSize?: number | undefined
+  /**
+   * Where the store cannot notify, the first interval at which a waiter looks again; each round on
+   * the same key waits half as long again, up to 1 second (or this interval, if longer). Default
+   * 25 millis.
+   */
+  readonly pollInterval?: Duration.DurationInput | undefined
+  /**
+   * The bound on creating the table and on every statement of the protocol (not on the caller's
+   * own effect inside `transaction`). A statement that overruns it fails with
+   * `IdempotencyStorageError`, so an unreachable database fails closed instead of hanging a
+   * caller. Default 10 seconds.
+   */
+  readonly timeout?: Duration.DurationInput | undefined
+}
+
+const tablePattern = /^[A-Za-z_][A-Za-z0-9_]{0,47}$/
+
+const maxPollMillis = 1000
+
+// The listening connection is checked this often by a notice to itself; a notice that does not
+// come back within `pingTimeout` means it is gone (PgClient does not report a dropped listener).
+const heartbeatInterval = Duration.seconds(1)
+const pingTimeout = Duration.seconds(2)
+const pingPrefix = "ping:"
+
+// Databases take interval arithmetic up to far beyond this; a hundred years is "forever" enough.
+const maxExpiryMillis = 100 * 365 * 24 * 60 * 60 * 1000
+
+const expiryMillis = (duration: Duration.Duration): number => {
+  const millis = Duration.toMillis(duration)
+  return Number.isFinite(millis) ? Math.min(Math.max(1, Math.ceil(millis)), maxExpiryMillis) : maxExpiryMillis
+}
+
+/** A row as the statements return it; drivers differ in how they type numbers. */
+interface Row {
+  readonly token: string | null
+  readonly state: string
+  readonly idempotency_key: string | Uint8Array
+  readonly fingerprint: string
+  readonly fence: number | string | bigint
+  readonly outcome: string | null
+  readonly payload: Uint8Array | null
+  readonly created_at: number | string | bigint
+  readonly expires_at: number | string | bigint
+  /** The database clock when the row was read, in epoch millis. */
+  readonly now: number | string | bigint
+}
+
+interface AcquireArgs {
+  readonly hash: Buffer
+  readonly key: string
+  readonly token: string
+  readonly fingerprint: string
+  readonly leaseMillis: number
+}
+
+/** The statements of one dialect. */
+interface Dialect {
+  readonly name: "pg" | "mysql" | "sqlite"
+  readonly setup: Effect.Effect<void, SqlError>
+  /** Takes the key or answers who has it: the row afterwards, if there is one. */
+  readonly acquire: (args: AcquireArgs) => Effect.Effect<Row | undefined, SqlError>
+  readonly renew: (hash: Buffer, token: string, leaseMillis: number) => Effect.Effect<boolean, SqlError>
+  readonly commit: (
+    hash: Buffer,
+    token: string,
+    outcome: string,
+    payload: Buffer,
+    ttlMillis: number
+  ) => Effect.Effect<boolean, SqlError>
+  readonly release: (hash: Buffer, token: string) => Effect.Effect<boolean, SqlError>
+  /** The completed row, if it has not expired. */
+  readonly read: (hash: Buffer) => Effect.Effect<Row | undefined, SqlError>
+  readonly delete: (hash: Buffer) => Effect.Effect<void, SqlError>
+  /** Deletes up to `limit` expired rows; how many it deleted. */
+  readonly cleanup: (limit: number) => Effect.Effect<number, SqlError>
+  /** PostgreSQL: sends a notice on the layer's channel. */
+  readonly notify?: (payload: string) => Effect.Effect<void, SqlError>
+}
+
+/** Where waiters on PostgreSQL hear about changed keys: `<table>_changed`. */
+const channelOf = (table: string) => `${table}_changed`
+
+const postgres = (sql: SqlClient.SqlClient, table: string): Dialect => {
+  const t = sql(table)
+  const channel = channelOf(table)
+  // `clock_timestamp()`, not `now()`: inside a caller's transaction `now()` is when it began.
+  const columns = sql.literal(`token, state, idempotency_key, fingerprint, fence, outcome, payload,
+    floor(extract(epoch FROM created_at) * 1000)::float8 AS created_at,
+    floor(extract(epoch FROM expires_at) * 1000)::float8 AS expires_at,
+    floor(extract(epoch FROM clock_timestamp()) * 1000)::float8 AS now`)
+
+  return {
+    name: "pg",
+    // Concurrent `CREATE TABLE IF NOT EXISTS` can fail on PostgreSQL (a duplicate row in
+    // pg_type): builds that start together take turns on an advisory lock.
+    setup: sql.withTransaction(Effect.all([
+      sql`SELECT pg_advisory_xact_lock(hashtext(${`effect-idempotency ${table}`}::text))`,
+      sql`CREATE TABLE IF NOT EXISTS ${t} (
+        key_hash bytea PRIMARY KEY,
+        idempotency_key text NOT NULL,
+        state text NOT NULL,
+        token text,
+        fingerprint text NOT NULL,
+        fence bigint NOT NULL,
+        outcome text,
+        payload bytea,
+        created_at timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL
+      ) WITH (fillfactor = 90)`,
+      sql`CREATE INDEX IF NOT EXISTS ${sql(`${table}_expires_at_idx`)} ON ${t} (expires_at)`
+    ], { discard: true })),
+
+    // One statement, two paths. A key that is live in the statement's snapshot (a lease or a
+    // record that has not expired) is answered from it, read only: a replay writes nothing. Anything
+    // else goes to the upsert, whose update always runs: when a concurrent winner committed the row
+    // after the snapshot was taken, the update waits for it and returns its latest version, where
+    // `DO NOTHING` would return nothing. The upsert reads the clock once (`clock.now`, then
+    // `excluded.created_at`), so every column decides on the same instant.
+    acquire: ({ fingerprint, hash, key, leaseMillis, token }) =>
+      Effect.map(
+        sql<Row>`
+          WITH live AS (
+            SELECT ${columns} FROM ${t} WHERE key_hash = ${hash}::bytea AND expires_at > clock_timestamp()
+          ),
+          taken AS (
+            INSERT INTO ${t} AS r
+              (key_hash, idempotency_key, state, token, fingerprint, fence, outcome, payload, created_at, expires_at)
+            SELECT ${hash}::bytea, ${key}::text, 'in_flight'::text, ${token}::text, ${fingerprint}::text,
+              floor(extract(epoch FROM clock.now) * 1000000)::bigint, NULL::text, NULL::bytea,
+              clock.now, clock.now + ${leaseMillis}::float8 * interval '1 millisecond'
+            FROM (SELECT clock_timestamp() AS now) AS clock
+            WHERE NOT EXISTS (SELECT 1 FROM live)
+            ON CONFLICT (key_hash) DO UPDATE SET
+              idempotency_key = CASE WHEN r.expires_at <= excluded.created_at
+                THEN excluded.idempotency_key ELSE r.idempotency_key END,
+              state = CASE WHEN r.expires_at <= excluded.created_at THEN excluded.state ELSE r.state END,
+              token = CASE WHEN r.expires_at <= excluded.created_at THEN excluded.token ELSE r.token END,
+              fingerprint = CASE WHEN r.expires_at <= excluded.created_at
+                THEN excluded.fingerprint ELSE r.fingerprint END,
+              fence = CASE WHEN r.expires_at <= excluded.created_at THEN r.fence + 1 ELSE r.fence END,
+              outcome = CASE WHEN r.expires_at <= excluded.created_at THEN NULL ELSE r.outcome END,
+              payload = CASE WHEN r.expires_at <= excluded.created_at THEN NULL ELSE r.payload END,
+              created_at = CASE WHEN r.expires_at <= excluded.created_at
+                THEN excluded.created_at ELSE r.created_at END,
+              expires_at = CASE WHEN r.expires_at <= excluded.created_at
+                THEN excluded.expires_at ELSE r.expires_at END
+            RETURNING ${columns}
+          )
+          SELECT * FROM live UNION ALL SELECT * FROM taken
+        `,
+        (rows) => rows[0]
+      ),
+
+    renew: (hash, token, leaseMillis) =>
+      Effect.map(
+        sql`
+          UPDATE ${t} SET expires_at = clock_timestamp() + ${leaseMillis}::float8 * interval '1 millisecond'
+          WHERE key_hash = ${hash}::bytea AND token = ${token}::text AND state = 'in_flight'
+            AND expires_at > clock_timestamp()
+          RETURNING 1 AS renewed
+        `,
+        (rows) => rows.length > 0
+      ),
+
+    commit: (hash, token, outcome, payload, ttlMillis) =>
+      Effect.map(
+        sql`
+          WITH done AS (
+            UPDATE ${t} AS r SET state = 'completed', token = NULL, outcome = ${outcome}::text,
+              payload = ${payload}::bytea, created_at = clock.now,
+              expires_at = clock.now + ${ttlMillis}::float8 * interval '1 millisecond'
+            FROM (SELECT clock_timestamp() AS now) AS clock
+            WHERE r.key_hash = ${hash}::bytea AND r.token = ${token}::text AND r.state = 'in_flight'
+              AND r.expires_at > clock.now
+            RETURNING r.key_hash
+          )
+          SELECT pg_notify(${channel}::text, encode(key_hash, 'hex')) FROM done
+        `,
+        (rows) => rows.length > 0
+      ),
+
+    release: (hash, token) =>
+      Effect.map(
+        sql`
+          WITH done AS (
+            UPDATE ${t} SET token = NULL, expires_at = clock_timestamp()
+            WHERE key_hash = ${hash}::bytea AND token = ${token}::text AND state = 'in_flight'
+              AND expires_at > clock_timestamp()
+            RETURNING key_hash
+          )
+          SELECT pg_notify(${channel}::text, encode(key_hash, 'hex')) FROM done
+        `,
+        (rows) => rows.length > 0
+      ),
+
+    read: (hash) =>
+      Effect.map(
+        sql<Row>`
+          SELECT ${columns} FROM ${t}
+          WHERE key_hash = ${hash}::bytea AND state = 'completed' AND expires_at > clock_timestamp()
+        `,
+        (rows) => rows[0]
+      ),
+
+    delete: (hash) =>
+      Effect.asVoid(sql`
+        WITH gone AS (DELETE FROM ${t} WHERE key_hash = ${hash}::bytea RETURNING key_hash)
+        SELECT pg_notify(${channel}::text, encode(key_hash, 'hex')) FROM gone
+      `),
+
+    // Rows another replica is deleting are locked, and skipped rather than waited for.
+    cleanup: (limit) =>
+      Effect.map(
+        sql<{ readonly deleted: number | string }>`
+          WITH gone AS (
+            DELETE FROM ${t} WHERE ctid IN (
+              SELECT ctid FROM ${t} WHERE expires_at <= clock_timestamp()
+              LIMIT ${limit}::int FOR UPDATE SKIP LOCKED
+            )
+            RETURNING 1
+          )
+          SELECT count(*)::int AS deleted FROM gone
+        `,
+        (rows) => Number(rows[0]?.deleted ?? 0)
+      ),
+
+    notify: (payload) => Effect.asVoid(sql`SELECT pg_notify(${channel}::text, ${payload}::text)`)
+  }
+}
+
+const mysql = (sql: SqlClient.SqlClient, table: string): Dialect => {
+  const t = sql(table)
+  // UTC, so that no session time zone or daylight saving change moves it; fixed for a statement.
+  const nowMicros = sql.literal("TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))")
+  const nowMillis = sql.literal("(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) DIV 1000)")
+  const columns = sql`token, state, idempotency_key, fingerprint, fence, outcome, payload, created_at, expires_at,
+    ${nowMillis} AS now`
+  const affected = (result: unknown) => Predicate.hasProperty(result, "affectedRows") && Number(result.affectedRows) > 0
+
+  return {
+    name: "mysql",
+    setup: Effect.asVoid(sql`
+      CREATE TABLE IF NOT EXISTS ${t} (
+        key_hash BINARY(32) NOT NULL PRIMARY KEY,
+        idempotency_key TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+        state VARCHAR(16) NOT NULL,
+        token VARCHAR(64) NULL,
+        fingerprint VARCHAR(255) NOT NULL,
+        fence BIGINT NOT NULL,
+        outcome VARCHAR(16) NULL,
+        payload LONGBLOB NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        INDEX ${sql(`${table}_expires_at_idx`)} (expires_at)
+      ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin
+    `),
+
+    // MySQL evaluates `ON DUPLICATE KEY UPDATE` assignments left to right, each seeing the ones
+    // before (MariaDB's SIMULTANEOUS_ASSIGNMENT mode does not): every condition reads only
+    // `expires_at`, assigned last, so both orders decide alike. `VALUES(created_at)` is the
+    // statement's clock. The SELECT after it sees the row as it is now; the caller acquired only
+    // if that row holds its token, so no two callers can both believe they own the key.
+    acquire: ({ fingerprint, hash, key, leaseMillis, token }) =>
+      Effect.zipRight(
+        sql`
+          INSERT INTO ${t}
+            (key_hash, idempotency_key, state, token, fingerprint, fence, outcome, payload, created_at, expires_at)
+          VALUES (${hash}, ${key}, 'in_flight', ${token}, ${fingerprint}, ${nowMicros}, NULL, NULL,
+            ${nowMillis}, ${nowMillis} + CAST(${leaseMillis} AS SIGNED))
+          ON DUPLICATE KEY UPDATE
+            idempotency_key = IF(expires_at <= VALUES(created_at), VALUES(idempotency_key), idempotency_key),
+            state = IF(expires_at <= VALUES(created_at), VALUES(state), state),
+            token = IF(expires_at <= VALUES(created_at), VALUES(token), token),
+            fingerprint = IF(expires_at <= VALUES(created_at), VALUES(fingerprint), fingerprint),
+            fence = IF(expires_at <= VALUES(created_at), fence + 1, fence),
+            outcome = IF(expires_at <= VALUES(created_at), NULL, outcome),
+            payload = IF(expires_at <= VALUES(created_at), NULL, payload),
+            created_at = IF(expires_at <= VALUES(created_at), VALUES(created_at), created_at),
+            expires_at = IF(expires_at <= VALUES(created_at), VALUES(expires_at), expires_at)
+        `.raw,
+        Effect.map(sql<Row>`SELECT ${columns} FROM ${t} WHERE key_hash = ${hash}`, (rows) => rows[0])
+      ),
+
+    // mysql2 connects with CLIENT_FOUND_ROWS: `affectedRows` counts matched rows, so a renewal
+    // that lands on the same millisecond still reports the row it found.
+    renew: (hash, token, leaseMillis) =>
+      Effect.map(
+        sql`
+          UPDATE ${t} SET expires_at = ${nowMillis} + CAST(${leaseMillis} AS SIGNED)
+          WHERE key_hash = ${hash} AND token = ${token} AND state = 'in_flight' AND expires_at > ${nowMillis}
+        `.raw,
+        affected
+      ),
+
+    commit: (hash, token, outcome, payload, ttlMillis) =>
+      Effect.map(
+        sql`
+          UPDATE ${t} SET state = 'completed', token = NULL, outcome = ${outcome}, payload = ${payload},
+            created_at = ${nowMillis}, expires_at = ${nowMillis} + CAST(${ttlMillis} AS SIGNED)
+          WHERE key_hash = ${hash} AND token = ${token} AND state = 'in_flight' AND expires_at > ${nowMillis}
+        `.raw,
+        affected
+      ),
+
+    release: (hash, token) =>
+      Effect.map(
+        sql`
+          UPDATE ${t} SET token = NULL, expires_at = ${nowMillis}
+          WHERE key_hash = ${hash} AND token = ${token} AND state = 'in_flight' AND expires_at > ${nowMillis}
+        `.raw,
+        affected
+      ),
+
+    read: (hash) =>
+      Effect.map(
+        sql<Row>`
+          SELECT ${columns} FROM ${t}
+          WHERE key_hash = ${hash} AND state = 'completed' AND expires_at > ${nowMillis}
+        `,
+        (rows) => rows[0]
+      ),
+
+    delete: (hash) => Effect.asVoid(sql`DELETE FROM ${t} WHERE key_hash = ${hash}`.raw),
+
+    cleanup: (limit) =>
+      Effect.map(
+        sql`DELETE FROM ${t} WHERE expires_at <= ${nowMillis} ORDER BY expires_at LIMIT ${sql.literal(String(limit))}`
+          .raw,
+        (result) => Predicate.hasProperty(result, "affectedRows") ? Number(result.affectedRows) : 0
+      )
+  }
+}
+
+const sqlite = (sql: SqlClient.SqlClient, table: string): Dialect => {
+  const t = sql(table)
+  // SQLite fixes 'now' for the whole statement; its resolution is one millisecond.
+  const nowMillis = sql.literal("CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)")
+  const columns = sql`token, state, idempotency_key, fingerprint, fence, outcome, payload, created_at, expires_at,
+    ${nowMillis} AS now`
+
+  return {
+    name: "sqlite",
+    setup: Effect.zipRight(
+      sql`
+        CREATE TABLE IF NOT EXISTS ${t} (
+          key_hash BLOB NOT NULL PRIMARY KEY,
+          idempotency_key TEXT NOT NULL,
+          state TEXT NOT NULL,
+          token TEXT,
+          fingerprint TEXT NOT NULL,
+          fence INTEGER NOT NULL,
+          outcome TEXT,
+          payload BLOB,
+          created_at INTEGER NOT NULL,
+          expires_at INTEGER NOT NULL
+        )
+      `,
+      Effect.asVoid(sql`CREATE INDEX IF NOT EXISTS ${sql(`${table}_expires_at_idx`)} ON ${t} (expires_at)`)
+    ),
+
+    // In an upsert's SET every expression reads the row as it was, so the order does not matter;
+    // one writer at a time makes the statement atomic across connections and processes.
+    acquire: ({ fingerprint, hash, key, leaseMillis, token }) =>
+      Effect.map(
+        sql<Row>`
+          INSERT INTO ${t}
+            (key_hash, idempotency_key, state, token, fingerprint, fence, outcome, payload, created_at, expires_at)
+          VALUES (${hash}, ${key}, 'in_flight', ${token}, ${fingerprint}, ${nowMillis} * 1000, NULL, NULL,
+            ${nowMillis}, ${nowMillis} + CAST(${leaseMillis} AS INTEGER))
+          ON CONFLICT (key_hash) DO UPDATE SET
+            idempotency_key = CASE WHEN expires_at <= excluded.created_at
+              THEN excluded.idempotency_key ELSE idempotency_key END,
+            state = CASE WHEN expires_at <= excluded.created_at THEN excluded.state ELSE state END,
+            token = CASE WHEN expires_at <= excluded.created_at THEN excluded.token ELSE token END,
+            fingerprint = CASE WHEN expires_at <= excluded.created_at THEN excluded.fingerprint ELSE fingerprint END,
+            fence = CASE WHEN expires_at <= excluded.created_at THEN fence + 1 ELSE fence END,
+            outcome = CASE WHEN expires_at <= excluded.created_at THEN NULL ELSE outcome END,
+            payload = CASE WHEN expires_at <= excluded.created_at THEN NULL ELSE payload END,
+            created_at = CASE WHEN expires_at <= excluded.created_at THEN excluded.created_at ELSE created_at END,
+            expires_at = CASE WHEN expires_at <= excluded.created_at THEN excluded.expires_at ELSE expires_at END
+          RETURNING ${columns}
+        `,
+        (rows) => rows[0]
+      ),
+
+    renew: (hash, token, leaseMillis) =>
+      Effect.map(
+        sql`
+          UPDATE ${t} SET expires_at = ${nowMillis} + CAST(${leaseMillis} AS INTEGER)
+          WHERE key_hash = ${hash} AND token = ${token} AND state = 'in_flight' AND expires_at > ${nowMillis}
+          RETURNING 1 AS renewed
+        `,
+        (rows) => rows.length > 0
+      ),
+
+    commit: (hash, token, outcome, payload, ttlMillis) =>
+      Effect.map(
+        sql`
+          UPDATE ${t} SET state = 'completed', token = NULL, outcome = ${outcome}, payload = ${payload},
+            created_at = ${nowMillis}, expires_at = ${nowMillis} + CAST(${ttlMillis} AS INTEGER)
+          WHERE key_hash = ${hash} AND token = ${token} AND state = 'in_flight' AND expires_at > ${nowMillis}
+          RETURNING 1 AS committed
+        `,
+        (rows) => rows.length > 0
+      ),
+
+    release: (hash, token) =>
+      Effect.map(
+        sql`
+          UPDATE ${t} SET token = NULL, expires_at = ${nowMillis}
+          WHERE key_hash = ${hash} AND token = ${token} AND state = 'in_flight' AND expires_at > ${nowMillis}
+          RETURNING 1 AS released
+        `,
+        (rows) => rows.length > 0
+      ),
+
+    read: (hash) =>
+      Effect.map(
+        sql<Row>`
+          SELECT ${columns} FROM ${t}
+          WHERE key_hash = ${hash} AND state = 'completed' AND expires_at > ${nowMillis}
+        `,
+        (rows) => rows[0]
+      ),
+
+    delete: (hash) => Effect.asVoid(sql`DELETE FROM ${t} WHERE key_hash = ${hash}`),
+
+    cleanup: (limit) =>
+      Effect.map(
+        sql`
+          DELETE FROM ${t} WHERE rowid IN (
+            SELECT rowid FROM ${t} WHERE expires_at <= ${nowMillis} LIMIT ${sql.literal(String(limit))}
+          )
+          RETURNING 1 AS deleted
+        `,
+        (rows) => rows.length
+      )
+  }
+}
+
+/** What this module needs of `@effect/sql-pg`'s `PgClient`, found by its tag without importing it. */
+interface Listener {
+  readonly listen: (channel: string) => Stream.Stream<string, SqlError>
+}
+
+const PgListener = Context.GenericTag<Listener>("@effect/sql-pg/PgClient")
+
+const hashOf = (key: string): Buffer => createHash("sha256").update(key, "utf8").digest()
+
+const toNumber = (value: number | string | bigint | null | undefined): number | undefined => {
+  const number = typeof value === "number" ? value : value === null || value === undefined ? NaN : Number(value)
+  return Number.isFinite(number) ? number : undefined
+}
+
+const toText = (value: string | Uint8Array): string =>
+  typeof value === "string" ? value : Buffer.from(value.buffer, value.byteOffset, value.byteLength).toString("utf8")
+
+const toBuffer = (bytes: Uint8Array): Buffer => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)
+
+const emptyPayload = new Uint8Array(0)
+
+class UnexpectedRow extends Error {
+  constructor(readonly row: unknown) {
+    super("unexpected row in the idempotency table: it holds data this library did not write")
+  }
+}
+
+const toRecord = (row: Row): IdempotencyRecord | undefined => {
+  const fence = toNumber(row.fence)
+  const createdAt = toNumber(row.created_at)
+  const expiresAt = toNumber(row.expires_at)
+  if (
+    fence === undefined || createdAt === undefined || expiresAt === undefined ||
+    (row.outcome !== "success" && row.outcome !== "failure")
+  ) return undefined
+  return {
+    key: toText(row.idempotency_key),
+    fingerprint: row.fingerprint,
+    outcome: row.outcome,
+    // SQLite may give back an empty blob as NULL.
+    payload: row.payload ?? emptyPayload,
+    fence,
+    createdAt,
+    expiresAt
+  }
+}
+
+/** Rolls the client's transaction back, carrying how the caller's effect ended. */
+class RolledBack {
+  constructor(readonly cause: Cause.Cause<unknown>) {}
+}
+
+const isSqlError = (u: unknown): u is SqlError => Predicate.isTagged(u, "SqlError")
+
+interface Watched {
+  readonly waiters: Set<Deferred.Deferred<void>>
+  /** When this round of waiting on the key began: polls back off from there. */
+  since: number
+  lastWatchedAt: number
+}
+
+/**
+ * Builds a SQL storage on the context's `SqlClient`: creates the table if missing, and runs the
+ * cleanup (and on PostgreSQL the listener) for as long as the scope. Fails with
+ * `IdempotencyStorageError`: operation `configure` on a client whose dialect is not PostgreSQL,
+ * MySQL or SQLite, or an invalid option; `setup` when the table cannot be created; `listen` when a
+ * `PgClient` is in context but its `LISTEN` cannot be confirmed within `timeout`.
+ *
+ * @since 0.1.0
+ * @category Constructors
+ */
+export const make = (
+  options?: SqlStorageOptions
+): Effect.Effect<Storage.StorageService, IdempotencyStorageError, SqlClient.SqlClient | Scope.Scope> =>
+  Effect.gen(function*() {
+    const table = options?.table ?? "idempotency_records"
+    const cleanupInterval = Duration.decode(options?.cleanupInterval ?? Duration.minutes(1))
+    const cleanupBatchSize = options?.cleanupBatchSize ?? 1000
+    const pollMillis = Math.max(1, Duration.toMillis(Duration.decode(options?.pollInterval ?? Duration.millis(25))))
+    const timeout = Duration.decode(options?.timeout ?? Duration.seconds(10))
+    const pollCapMillis = Math.max(maxPollMillis, pollMillis)
+
+    const configure = (message: string) =>
+      new IdempotencyStorageError({ key: "", operation: "configure", cause: new Error(message) })
+
+    if (!tablePattern.test(table)) {
+      return yield* configure(
+        `the table name ${
+          JSON.stringify(table)
+        } is not an identifier of letters, digits and underscores (at most 48, not starting with a digit)`
+      )
+    }
+    if (!Number.isSafeInteger(cleanupBatchSize) || cleanupBatchSize < 1) {
+      return yield* configure(`cleanupBatchSize must be a positive integer, not ${cleanupBatchSize}`)
+    }
+
+    // Names as given: the storage's own columns must not pass through a client's name transforms.
+    const sql = (yield* SqlClient.SqlClient).withoutTransforms()
+    const dialect = sql.onDialectOrElse({
+      pg: () => postgres(sql, table),
+      mysql: () => mysql(sql, table),
+      sqlite: () => sqlite(sql, table),
+      orElse: (): Dialect | undefined => undefined
+    })
+    if (dialect === undefined) {
+      const name = sql.onDialectOrElse({
+        mssql: () => "mssql",
+        clickhouse: () => "clickhouse",
+        orElse: () => "unknown"
+      })
+      return yield* configure(
+        `the SQL client's dialect (${name}) is not supported: use PostgreSQL, MySQL / MariaDB or SQLite`
+      )
+    }
+
+    const failure = (operation: string, key: string) => (cause: unknown) =>
+      new IdempotencyStorageError({ key, operation, cause })
+
+    // SQLite clients have one connection, held by an open transaction: a statement outside it would
+    // wait for the transaction, and the transaction for the statement.
+    const outside = <A>(statement: Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> =>
+      dialect.name === "sqlite"
+        ? statement
+        : Effect.mapInputContext(
+          statement,
+          (context: Context.Context<never>) => Context.omit(SqlClient.TransactionConnection)(context)
+        )
+
+    // Every statement is bounded. `Idempotent.wrap` acquires and commits uninterruptibly; only the
+    // wait for the database is made interruptible, so that the timeout can end that wait even there.
+    const call = <A>(
+      operation: string,
+      key: string,
+      statement: Effect.Effect<A, SqlError>
+    ): Effect.Effect<A, IdempotencyStorageError> =>
+      Effect.interruptible(Effect.mapError(statement, failure(operation, key))).pipe(
+        Effect.timeoutFail({
+          duration: timeout,
+          onTimeout: () =>
+            failure(operation, key)(new Error(`the database did not answer within ${Duration.format(timeout)}`))
+        })
+      )
+
+    yield* call("setup", "", outside(dialect.setup))
+
+    // Waiters, by key hash in hex (the payload of the notices).
+    const watched = new Map<string, Watched>()
+    const wake = (hex: string) => watched.get(hex)?.waiters.forEach((waiter) => Deferred.unsafeDone(waiter, Exit.void))
+    const wakeAll = () => watched.forEach((_, hex) => wake(hex))
+    const forgetIdle = (now: number) =>
+      watched.forEach((entry, hex) => {
+        if (entry.waiters.size === 0 && now - entry.lastWatchedAt > 2 * pollCapMillis) watched.delete(hex)
+      })
+
+    const listener = dialect.notify === undefined
+      ? undefined
+      : yield* Effect.flatMap(Effect.serviceOption(PgListener), (pg) =>
+        Option.isNone(pg)
+          ? Effect.succeed(undefined)
+          : listen(pg.value, channelOf(table), dialect.notify!, wake, wakeAll, timeout))
+    const notifies = () => listener?.ready === true
+
+    const sweep = Effect.gen(function*() {
+      let deleted = cleanupBatchSize
+      while (deleted >= cleanupBatchSize) {
+        deleted = yield* call("cleanup", "", outside(dialect.cleanup(cleanupBatchSize)))
+      }
+    }).pipe(
+      Effect.catchAll((error) =>
+        Effect.logWarning("idempotency cleanup failed; it runs again at the next interval").pipe(
+          Effect.annotateLogs("cause", error.message)
+        )
+      ),
+      Effect.zipRight(Effect.flatMap(Clock.currentTimeMillis, (now) => Effect.sync(() => forgetIdle(now))))
+    )
+    // The first sweep waits an interval too: replicas deployed together do not all sweep at boot.
+    yield* Effect.forkScoped(Effect.forever(Effect.zipRight(Effect.sleep(cleanupInterval), sweep)))
+
+    const unexpected = (operation: string, key: string, row: unknown) =>
+      Effect.fail(failure(operation, key)(new UnexpectedRow(row)))
+
+    const acquire = (request: Storage.AcquireRequest) => {
+      const token = Storage.makeToken()
+      return Effect.flatMap(
+        call(
+          "acquire",
+          request.key,
+          outside(dialect.acquire({
+            hash: hashOf(request.key),
+            key: request.key,
+            token,
+            fingerprint: request.fingerprint,
+            leaseMillis: expiryMillis(request.lease)
+          }))
+        ),
+        (row): Effect.Effect<Storage.AcquireResult, IdempotencyStorageError> => {
+          // MySQL only: the row was deleted between its two statements. Whoever deleted it did so
+          // a moment ago; the caller looks again.
+          if (row === undefined) {
+            return Effect.succeed(
+              Storage.AcquireResult.InFlight({ fingerprint: undefined, leaseRemaining: Duration.zero })
+            )
+          }
+          const fence = toNumber(row.fence)
+          const now = toNumber(row.now)
+          const expiresAt = toNumber(row.expires_at)
+          if (fence === undefined || now === undefined || expiresAt === undefined) {
+            return unexpected("acquire", request.key, row)
+          }
+          if (row.token === token) {
+            return Effect.succeed(Storage.AcquireResult.Acquired({
+              lease: { key: request.key, fingerprint: request.fingerprint, token, fence }
+            }))
+          }
+          if (row.state === "completed") {
+            // A record that expired since the statement decided (a lock wait on PostgreSQL, the
+            // gap between MySQL's two statements) is not replayed: the caller looks again.
+            if (expiresAt <= now) {
+              return Effect.succeed(
+                Storage.AcquireResult.InFlight({ fingerprint: undefined, leaseRemaining: Duration.zero })
+              )
+            }
+            const record = toRecord(row)
+            return record === undefined
+              ? unexpected("acquire", request.key, row)
+              : Effect.succeed(Storage.AcquireResult.Completed({ record }))
+          }
+          if (row.state !== "in_flight") return unexpected("acquire", request.key, row)
+          return Effect.succeed(Storage.AcquireResult.InFlight({
+            fingerprint: row.fingerprint,
+            leaseRemaining: Duration.millis(Math.max(0, expiresAt - now))
+          }))
+        }
+      )
+    }
+
+    // A change made through this layer wakes its own waiters at once; with a listener the notice
+    // does, for every layer on the database.
+    const changed = (hash: Buffer) =>
+      Effect.sync(() => {
+        if (!notifies()) wake(hash.toString("hex"))
+      })
+
+    const commit = (lease: Storage.Lease, request: Storage.CommitRequest) => {
+      const hash = hashOf(lease.key)
+      // In the caller's context: inside `transaction` it commits with the caller's writes.
+      return call(
+        "commit",
+        lease.key,
+        dialect.commit(hash, lease.token, request.outcome, toBuffer(request.payload), expiryMillis(request.ttl))
+      ).pipe(Effect.tap((committed) => committed ? changed(hash) : Effect.void))
+    }
+
+    const release = (lease: Storage.Lease) => {
+      const hash = hashOf(lease.key)
+      return call("release", lease.key, outside(dialect.release(hash, lease.token))).pipe(
+        Effect.tap((released) => released ? changed(hash) : Effect.void)
+      )
+    }
+
+    const read = (key: string) =>
+      Effect.flatMap(
+        call("read", key, outside(dialect.read(hashOf(key)))),
+        (row): Effect.Effect<Option.Option<IdempotencyRecord>, IdempotencyStorageError> => {
+          if (row === undefined) return Effect.succeed(Option.none())
+          const record = toRecord(row)
+          return record === undefined ? unexpected("read", key, row) : Effect.succeed(Option.some(record))
+        }
+      )
+
+    const remove = (key: string) => {
+      const hash = hashOf(key)
+      return Effect.zipRight(call("delete", key, outside(dialect.delete(hash))), changed(hash))
+    }
+
+    const watch = (key: string) => {
+      const hex = hashOf(key).toString("hex")
+      return Effect.flatMap(Clock.currentTimeMillis, (now) =>
+        Effect.acquireRelease(
+          Effect.sync(() => {
+            // Idle entries go with each cleanup; many distinct keys waited on in between go sooner.
+            if (watched.size >= 10_000) forgetIdle(now)
+            let entry = watched.get(hex)
+            if (entry === undefined) {
+              entry = { waiters: new Set(), since: now, lastWatchedAt: now }
+              watched.set(hex, entry)
+            } else if (now - entry.lastWatchedAt > pollCapMillis + pollMillis) {
+              entry.since = now
+            }
+            entry.lastWatchedAt = now
+            const waiter = Deferred.unsafeMake<void>(FiberId.none)
+            entry.waiters.add(waiter)
+            // Half as long again each round, whatever the number of local waiters on the key.
+            const delay = Math.min(pollCapMillis, Math.max(pollMillis, (now - entry.since) / 2))
+            return { entry, waiter, delay }
+          }),
+          ({ entry, waiter }) => Effect.sync(() => entry.waiters.delete(waiter))
+        )).pipe(
+          Effect.map(({ delay, waiter }) =>
+            // Listening, confirmed by the last heartbeat: woken by the notice. Otherwise, poll.
+            notifies() ? Deferred.await(waiter) : Effect.raceFirst(Deferred.await(waiter), Effect.sleep(delay))
+          )
+        )
+    }
+
+    // The caller's own ends are carried through as `RolledBack`, so that what is left is the
+    // transaction's: a failed BEGIN, or a COMMIT or ROLLBACK that the client turns into a defect.
+    const transaction = <A, E, R>(
+      self: Effect.Effect<A, E, R>
+    ): Effect.Effect<A, E | IdempotencyStorageError, R> =>
+      sql.withTransaction(Effect.catchAllCause(self, (cause) => Effect.fail(new RolledBack(cause)))).pipe(
+        Effect.catchAllCause((cause): Effect.Effect<never, E | IdempotencyStorageError> => {
+          const failed = Cause.failureOption(cause)
+          if (Option.isSome(failed)) {
+            return failed.value instanceof RolledBack
+              ? Effect.failCause(failed.value.cause as Cause.Cause<E>)
+              : Effect.fail(failure("transaction", "")(failed.value))
+          }
+          const defect = Cause.dieOption(cause)
+          if (Option.isSome(defect) && isSqlError(defect.value)) {
+            return Effect.fail(failure("transaction", "")(defect.value))
+          }
+          return Effect.failCause(cause as Cause.Cause<never>)
+        })
+      )
+
+    return Storage.make({
+      backend: dialect.name,
+      capabilities: { renewal: true, fencing: true, ownedCommit: true, notification: listener !== undefined },
+      acquire,
+      renew: (lease, duration) =>
+        call("renew", lease.key, outside(dialect.renew(hashOf(lease.key), lease.token, expiryMillis(duration)))),
+      commit,
+      release,
+      read,
+      delete: remove,
+      watch,
+      transaction
+    })
+  })
+
+/**
+ * The PostgreSQL listener of one layer: one `LISTEN` on the layer's channel, shared by all its
+ * waiters, checked every `heartbeatInterval` by a notice it must hear back, and opened again after
+ * it is lost. `ready` says whether it is listening now; the build waits until it is.
+ */
+const listen = (
+  pg: Listener,
+  channel: string,
+  notify: (payload: string) => Effect.Effect<void, SqlError>,
+  wake: (hex: string) => void,
+  wakeAll: () => void,
+  timeout: Duration.Duration
+): Effect.Effect<{ readonly ready: boolean }, IdempotencyStorageError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const state = { ready: false }
+    const firstReady = yield* Deferred.make<void, IdempotencyStorageError>()
+    const pings = new Map<string, Deferred.Deferred<void>>()
+
+    const onMessage = (message: string) => {
+      if (!message.startsWith(pingPrefix)) return wake(message)
+      const ping = pings.get(message.slice(pingPrefix.length))
+      if (ping !== undefined) Deferred.unsafeDone(ping, Exit.void)
+    }
+
+    // The clock starts once a notice is sent: a pool too busy to send one soon says nothing about
+    // the listener. Notices sent before LISTEN took effect are lost, so one is sent again every
+    // 100 millis until one comes back; a heartbeat is normally answered by its first.
+    const confirm = (within: Duration.Duration) =>
+      Effect.suspend(() => {
+        const heard = Deferred.unsafeMake<void>(FiberId.none)
+        const sent: Array<string> = []
+        const send = Effect.suspend(() => {
+          const id = Storage.makeToken()
+          sent.push(id)
+          pings.set(id, heard)
+          return Effect.timeout(notify(`${pingPrefix}${id}`), timeout)
+        })
+        const answered = Effect.raceFirst(
+          Deferred.await(heard).pipe(
+            Effect.timeoutFail({
+              duration: within,
+              onTimeout: () => new Error(`no notice came back on ${channel} within ${Duration.format(within)}`)
+            })
+          ),
+          Effect.forever(Effect.zipRight(Effect.sleep("100 millis"), send))
+        )
+        return Effect.zipRight(send, answered).pipe(
+          Effect.ensuring(Effect.sync(() => sent.forEach((id) => pings.delete(id))))
+        )
+      })
+
+    const heard = Effect.sync(() => {
+      if (state.ready) return
+      state.ready = true
+      // Notices sent while no one listened are lost: everyone looks again.
+      wakeAll()
+      Deferred.unsafeDone(firstReady, Exit.void)
+    })
+
+    const session = Effect.scoped(Effect.gen(function*() {
+      const messages = yield* Effect.forkScoped(
+        Stream.runForEach(pg.listen(channel), (message) => Effect.sync(() => onMessage(message)))
+      )
+      // A new connection may take a while to LISTEN; once it does, a notice comes back at once.
+      const first = Effect.zipRight(confirm(timeout), heard)
+      const beat = Effect.zipRight(confirm(pingTimeout), heard)
+      return yield* Effect.raceFirst(
+        Effect.zipRight(first, Effect.forever(Effect.zipRight(Effect.sleep(heartbeatInterval), beat))),
+        Effect.flatMap(Fiber.await(messages), () => Effect.fail(new Error(`the listener on ${channel} ended`)))
+      )
+    }))
+
+    const lost = (cause: Cause.Cause<unknown>) =>
+      Effect.suspend(() => {
+        Deferred.unsafeDone(
+          firstReady,
+          Exit.fail(new IdempotencyStorageError({ key: "", operation: "listen", cause: Cause.squash(cause) }))
+        )
+        if (state.ready) {
+          state.ready = false
+          wakeAll()
+        }
+        return Effect.logWarning("idempotency listener lost; waiters poll until it is back", cause)
+      })
+
+    yield* session.pipe(
+      Effect.catchAllCause(lost),
+      Effect.zipRight(Effect.sleep(heartbeatInterval)),
+      Effect.forever,
+      Effect.forkScoped
+    )
+    // Waiters are woken at once when the layer is released, and look for themselves.
+    yield* Effect.addFinalizer(() => Effect.sync(wakeAll))
+    yield* Deferred.await(firstReady).pipe(
+      Effect.timeoutFail({
+        duration: timeout,
+        onTimeout: () =>
+          new IdempotencyStorageError({
+            key: "",
+            operation: "listen",
+            cause: new Error(`LISTEN on ${channel} was not confirmed within ${Duration.format(timeout)}`)
+          })
+      })
+    )
+    return state
+  })
+
+/**
+ * A SQL storage layer on the `SqlClient` in context. Layers on the same database and table share
+ * their keys, as the instances of a service do. The client is the user's: the layer never closes
+ * it.
+ *
+ * With `PgClient.layer`, waiters are woken by `LISTEN/NOTIFY`; with other clients they poll (see
+ * the module's documentation). `Idempotent.wrap({ transactional: true })` commits the stored
+ * result in the same transaction as the wrapped effect's writes through the same client.
+ *
+ * @example
+ * ```ts
+ * import { PgClient } from "@effect/sql-pg"
+ * import { SqlClient } from "@effect/sql"
+ * import { Effect, Layer, Redacted } from "effect"
+ * import { Idempotent } from "effect-idempotency"
+ * import * as SqlStorage from "effect-idempotency/Storage/Sql"
+ *
+ * const placeOrder = (requestId: string) =>
+ *   Effect.gen(function*() {
+ *     const sql = yield* SqlClient.SqlClient
+ *     yield* sql`INSERT INTO orders (request_id) VALUES (${requestId})`
+ *     return { ok: true }
+ *   }).pipe(Idempotent.wrap({ key: requestId, transactional: true }))
+ *
+ * const PgLive = PgClient.layer({ url: Redacted.make("postgres://postgres@127.0.0.1:5432/app") })
+ * const StorageLive = SqlStorage.layer({ table: "idempotency_records" }).pipe(Layer.provideMerge(PgLive))
+ *
+ * Effect.runPromise(placeOrder("req-1").pipe(Effect.provide(StorageLive)))
+ * ```
+ *
+ * @since 0.1.0
+ * @category Layers
+ */
+export const layer = (
+  options?: SqlStorageOptions
+): Layer.Layer<Storage.Storage, IdempotencyStorageError, SqlClient.SqlClient> =>
+  Layer.scoped(Storage.Storage, make(options))
