@@ -1,17 +1,19 @@
 /**
  * `npm run bench [suite...]`: runs the benchmark suites, all of them by default, or those named on
  * the command line or in BENCH_ONLY (comma separated). BENCH_ITERATIONS, BENCH_WARMUP and
- * BENCH_BATCHES set how hard each suite pushes (over each suite's own defaults). A backend adds
- * its suite to `suites`.
+ * BENCH_BATCHES set how hard each suite pushes (over each suite's own defaults); the `http` suite
+ * (a real server under autocannon) has its own BENCH_HTTP_* variables instead. A backend adds its
+ * suite to `suites`.
  *
  * A suite that fails (a service it needs is unreachable, an invariant broke) is reported and the
  * run goes on with the next one; the exit code is then 1.
  */
 import type { BenchConfig, Suite } from "./harness.js"
+import * as Http from "./http.js"
 import * as Memory from "./memory.js"
 import * as Redis from "./redis.js"
 
-const suites: ReadonlyArray<Suite> = [Memory.suite, Redis.suite]
+const suites: ReadonlyArray<Suite> = [Memory.suite, Redis.suite, Http.suite]
 
 const positiveInt = (name: string, fallback: number): number => {
   const raw = process.env[name]

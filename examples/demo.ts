@@ -1,125 +1,231 @@
 /**
- * A tiny orders service behind `Idempotent.wrap`, on memory storage: each step calls
- * `createOrder` the way a client retrying over a flaky network would, counts how often the real
- * body ran, and checks it against what the library promises. Run with `npm run demo`.
+ * `npm run demo`: starts the example orders API (`examples/orders/`) on memory storage on a free
+ * loopback port, then plays a client retrying over a flaky network against it, over real HTTP
+ * with `fetch`. Each step says what the client sent, what came back, and how many times the
+ * handler really ran (read from `GET /stats`), and checks it against what the middleware promises:
+ * a wrong answer fails the run with exit code 1 and says which step and why.
  */
+import { HttpServer } from "@effect/platform"
 import { NodeRuntime } from "@effect/platform-node"
-import { Array, Cause, Console, Data, Effect, Exit, Option, Schema } from "effect"
-import { type IdempotencyError, Idempotent, MemoryStorage } from "../src/index.js"
+import { Array, Cause, Console, Data, Effect, Option } from "effect"
+import { MemoryStorage } from "effect-idempotency"
+import * as IdempotencyMiddleware from "effect-idempotency/Http/IdempotencyMiddleware"
+import * as Server from "./orders/server.js"
 
-class Order extends Schema.Class<Order>("Order")({
-  id: Schema.String,
-  sku: Schema.String,
-  quantity: Schema.Number,
-  placedAt: Schema.Date
-}) {}
+class DemoFailed extends Data.TaggedError("DemoFailed")<{ readonly message: string }> {}
 
-class OutOfStock extends Schema.TaggedError<OutOfStock>()("OutOfStock", { sku: Schema.String }) {}
+// --- The client --------------------------------------------------------------------------------
 
-interface NewOrder {
-  readonly requestId: string
-  readonly sku: string
-  readonly quantity: number
+interface Reply {
+  readonly status: number
+  readonly replayed: boolean
+  readonly contentType: string
+  readonly text: string
 }
 
-// --- The service -------------------------------------------------------------------------------
-
-const stock = new Map([["mug", 500], ["lamp", 0], ["desk", 3]])
-// The warehouse client crashes once on its first desk order: a bug, not a business outcome.
-let deskClientBroken = true
-let bodyRuns = 0
-
-// The real work. It must not run twice for one request, or the customer is charged twice.
-const placeOrder = (input: NewOrder) =>
-  Effect.gen(function*() {
-    bodyRuns++
-    // A slow downstream call, so that concurrent duplicates overlap with the run.
-    yield* Effect.sleep("20 millis")
-    if (input.sku === "desk" && deskClientBroken) {
-      deskClientBroken = false
-      return yield* Effect.die(new Error("warehouse client crashed"))
-    }
-    const left = stock.get(input.sku) ?? 0
-    if (left < input.quantity) return yield* new OutOfStock({ sku: input.sku })
-    stock.set(input.sku, left - input.quantity)
-    return new Order({ id: `ord-${bodyRuns}`, sku: input.sku, quantity: input.quantity, placedAt: new Date() })
+const send = (url: string, options: { readonly method?: string; readonly key?: string; readonly body?: unknown }) =>
+  Effect.tryPromise({
+    try: async (): Promise<Reply> => {
+      const headers: Record<string, string> = {}
+      if (options.key !== undefined) headers["idempotency-key"] = options.key
+      if (options.body !== undefined) headers["content-type"] = "application/json"
+      const response = await fetch(url, {
+        method: options.method ?? "POST",
+        headers,
+        ...(options.body === undefined ? {} : { body: JSON.stringify(options.body) })
+      })
+      return {
+        status: response.status,
+        replayed: response.headers.get("idempotent-replayed") === "true",
+        contentType: response.headers.get("content-type") ?? "",
+        text: await response.text()
+      }
+    },
+    catch: (cause) => new DemoFailed({ message: `${options.method ?? "POST"} ${url} failed: ${String(cause)}` })
   })
 
-// OutOfStock is a real answer, so it is stored and replayed; a defect is not, so it frees the key.
-const createOrder = (input: NewOrder) =>
-  placeOrder(input).pipe(
-    Idempotent.wrap({
-      key: input.requestId,
-      fingerprint: { sku: input.sku, quantity: input.quantity },
-      success: Order,
-      failure: OutOfStock,
-      onInFlight: { wait: "5 seconds" }
-    })
-  )
+const parse = (reply: Reply): Record<string, unknown> => {
+  try {
+    const value: unknown = JSON.parse(reply.text)
+    return typeof value === "object" && value !== null ? value as Record<string, unknown> : {}
+  } catch {
+    return {}
+  }
+}
 
-// --- The scenarios -----------------------------------------------------------------------------
+// --- The steps ---------------------------------------------------------------------------------
+
+type Route = "orders" | "payments"
 
 interface Step {
-  readonly step: string
-  readonly input: NewOrder
-  readonly calls: number
-  readonly bodyRuns: number
-  readonly result: string
+  readonly name: string
+  readonly route: Route
+  readonly key?: string
+  readonly body: () => unknown
+  /** How many identical requests are sent at once. */
+  readonly copies: number
+  readonly expect: {
+    readonly status: number
+    /** How many of the replies carry `Idempotent-Replayed: true`. */
+    readonly replayed: number
+    /** How many times the route's handler runs for the whole step. */
+    readonly runs: number
+    /** The problem's `type`, for an `application/problem+json` answer. */
+    readonly problem?: string
+    /** The step whose body every reply must repeat byte for byte. */
+    readonly sameBodyAs?: string
+  }
 }
 
-const twoMugs: NewOrder = { requestId: "req-1", sku: "mug", quantity: 2 }
-const oneMug: NewOrder = { requestId: "req-2", sku: "mug", quantity: 1 }
-const oneLamp: NewOrder = { requestId: "req-3", sku: "lamp", quantity: 1 }
-const oneDesk: NewOrder = { requestId: "req-4", sku: "desk", quantity: 1 }
-const nineMugsOnReq1: NewOrder = { ...twoMugs, quantity: 9 }
+// Filled in by the first step, so that the payments pay for a real order.
+let firstOrderId = "?"
 
-// Each step: what the client sends, how many times, and how often the body may run for it.
 const steps: ReadonlyArray<Step> = [
-  { step: "first run", input: twoMugs, calls: 1, bodyRuns: 1, result: "Order ord-1" },
-  { step: "retry, same key", input: twoMugs, calls: 1, bodyRuns: 0, result: "Order ord-1" },
-  { step: "100 concurrent duplicates", input: oneMug, calls: 100, bodyRuns: 1, result: "Order ord-2" },
-  { step: "typed failure", input: oneLamp, calls: 1, bodyRuns: 1, result: "OutOfStock(lamp)" },
-  { step: "retry of stored failure", input: oneLamp, calls: 1, bodyRuns: 0, result: "OutOfStock(lamp)" },
-  { step: "defect (Effect.die)", input: oneDesk, calls: 1, bodyRuns: 1, result: "defect: warehouse client crashed" },
-  { step: "retry after defect", input: oneDesk, calls: 1, bodyRuns: 1, result: "Order ord-5" },
-  { step: "same key, other body", input: nineMugsOnReq1, calls: 1, bodyRuns: 0, result: "IdempotencyKeyReused" }
+  {
+    name: "first POST",
+    route: "orders",
+    key: "order-1",
+    body: () => ({ sku: "mug", quantity: 2 }),
+    copies: 1,
+    expect: { status: 201, replayed: 0, runs: 1 }
+  },
+  {
+    name: "retry, same key",
+    route: "orders",
+    key: "order-1",
+    body: () => ({ sku: "mug", quantity: 2 }),
+    copies: 1,
+    expect: { status: 201, replayed: 1, runs: 0, sameBodyAs: "first POST" }
+  },
+  {
+    name: "20 concurrent duplicates",
+    route: "orders",
+    key: "order-2",
+    body: () => ({ sku: "tea", quantity: 1 }),
+    copies: 20,
+    expect: { status: 201, replayed: 19, runs: 1 }
+  },
+  {
+    name: "same key, other body",
+    route: "orders",
+    key: "order-1",
+    body: () => ({ sku: "mug", quantity: 5 }),
+    copies: 1,
+    expect: { status: 422, replayed: 0, runs: 0, problem: IdempotencyMiddleware.ProblemType.KeyReused }
+  },
+  {
+    name: "out of stock",
+    route: "orders",
+    key: "order-3",
+    body: () => ({ sku: "lamp", quantity: 1 }),
+    copies: 1,
+    expect: { status: 409, replayed: 0, runs: 1, problem: "https://example.com/problems/out-of-stock" }
+  },
+  {
+    name: "retry, out of stock",
+    route: "orders",
+    key: "order-3",
+    body: () => ({ sku: "lamp", quantity: 1 }),
+    copies: 1,
+    expect: {
+      status: 409,
+      replayed: 1,
+      runs: 0,
+      problem: "https://example.com/problems/out-of-stock",
+      sameBodyAs: "out of stock"
+    }
+  },
+  {
+    name: "payment, no key",
+    route: "payments",
+    body: () => ({ orderId: firstOrderId, amount: 1998 }),
+    copies: 1,
+    expect: { status: 400, replayed: 0, runs: 0, problem: IdempotencyMiddleware.ProblemType.KeyMissing }
+  },
+  {
+    name: "payment with a key",
+    route: "payments",
+    key: "pay-1",
+    body: () => ({ orderId: firstOrderId, amount: 1998 }),
+    copies: 1,
+    expect: { status: 201, replayed: 0, runs: 1 }
+  }
 ]
 
-// One line per outcome; a replayed Order must come back as an Order instance, not a plain object.
-const describe = (exit: Exit.Exit<Order, OutOfStock | IdempotencyError.IdempotencyError>): string =>
-  Exit.match(exit, {
-    onSuccess: (order) => order instanceof Order ? `Order ${order.id}` : "not an Order instance",
-    onFailure: (cause) =>
-      Option.match(Cause.failureOption(cause), {
-        onSome: (error) => error._tag === "OutOfStock" ? `OutOfStock(${error.sku})` : error._tag,
-        onNone: () => {
-          const defect = Cause.squash(cause)
-          return `defect: ${defect instanceof Error ? defect.message : String(defect)}`
-        }
-      })
+// One short line per distinct answer.
+const summary = (reply: Reply): string => {
+  const body = parse(reply)
+  if (reply.contentType.startsWith("application/problem+json")) return `problem: ${String(body.title)}`
+  if (typeof body.id === "string" && typeof body.sku === "string") {
+    return `order ${body.id}, ${String(body.quantity)} × ${body.sku}`
+  }
+  if (typeof body.id === "string" && typeof body.amount === "number") return `payment ${body.id}, ${body.amount} ¢`
+  return reply.text.slice(0, 40)
+}
+
+const counted = (values: ReadonlyArray<string>): string => {
+  const distinct = Array.dedupe(values)
+  if (values.length === 1) return values[0]!
+  return distinct.map((value) => `${value} ×${values.filter((v) => v === value).length}`).join(", ")
+}
+
+const runsOf = (base: string) =>
+  Effect.map(send(`${base}/stats`, { method: "GET" }), (reply) => {
+    const runs = parse(reply).handlerRuns as Record<Route, number> | undefined
+    return { orders: runs?.orders ?? Number.NaN, payments: runs?.payments ?? Number.NaN }
   })
 
-const runStep = (step: Step) =>
+const runStep = (base: string, step: Step, earlier: Map<string, string>) =>
   Effect.gen(function*() {
-    const before = bodyRuns
-    const exits = yield* Effect.all(Array.replicate(Effect.exit(createOrder(step.input)), step.calls), {
-      concurrency: "unbounded"
-    })
-    const runs = bodyRuns - before
-    const results = Array.dedupe(exits.map(describe))
-    const ok = runs === step.bodyRuns && results.length === 1 && results[0] === step.result
+    const before = yield* runsOf(base)
+    const body = step.body()
+    const replies = yield* Effect.all(
+      Array.replicate(
+        send(`${base}/${step.route}`, { ...(step.key === undefined ? {} : { key: step.key }), body }),
+        step.copies
+      ),
+      { concurrency: "unbounded" }
+    )
+    const after = yield* runsOf(base)
+    const runs = after[step.route] - before[step.route]
+    const replayed = replies.filter((reply) => reply.replayed).length
+    const statuses = replies.map((reply) => String(reply.status))
+    const identical = Array.dedupe(replies.map((reply) => reply.text)).length === 1
+
+    const problems: Array<string> = []
+    const { expect } = step
+    if (replies.some((reply) => reply.status !== expect.status)) {
+      problems.push(`expected status ${expect.status} for every reply, got ${counted(statuses)}`)
+    }
+    if (replayed !== expect.replayed) problems.push(`expected ${expect.replayed} replayed, got ${replayed}`)
+    if (runs !== expect.runs) problems.push(`expected the handler to run ${expect.runs} time(s), it ran ${runs}`)
+    if (!identical) problems.push("the replies' bodies differ")
+    if (expect.problem !== undefined) {
+      const types = Array.dedupe(replies.map((reply) => `${reply.contentType} ${String(parse(reply).type)}`))
+      const wanted = `application/problem+json ${expect.problem}`
+      if (types.length !== 1 || types[0] !== wanted) problems.push(`expected ${wanted}, got ${types.join(" | ")}`)
+    }
+    if (expect.sameBodyAs !== undefined && replies[0]!.text !== earlier.get(expect.sameBodyAs)) {
+      problems.push(`expected the body of "${expect.sameBodyAs}" byte for byte, got ${replies[0]!.text}`)
+    }
+    earlier.set(step.name, replies[0]!.text)
+
     return {
       row: {
-        step: step.step,
-        key: step.input.requestId,
-        calls: `${step.calls}`,
-        "body runs": `${runs}`,
-        result: results.join(" | ")
+        step: step.name,
+        request: `POST /${step.route}`,
+        key: step.key ?? "(none)",
+        sent: String(step.copies),
+        status: counted(statuses),
+        replayed: `${replayed} of ${replies.length}`,
+        "handler ran": String(runs),
+        response: identical && replies.length > 1
+          ? `${replies.length} identical: ${summary(replies[0]!)}`
+          : counted(replies.map(summary)),
+        check: problems.length === 0 ? "ok" : "FAIL"
       },
-      problem: ok ? Option.none() : Option.some(
-        `"${step.step}": expected ${step.bodyRuns} body run(s) and "${step.result}" for every call, ` +
-          `got ${runs} run(s) and ${JSON.stringify(results)}`
-      )
+      problems: problems.map((problem) => `"${step.name}": ${problem}`),
+      reply: replies[0]!
     }
   })
 
@@ -131,15 +237,42 @@ const printTable = (rows: ReadonlyArray<Record<string, string>>) => {
   return Console.log([line(columns), line(widths.map((width) => "-".repeat(width))), ...body].join("\n"))
 }
 
-class DemoFailed extends Data.TaggedError("DemoFailed")<{ readonly message: string }> {}
-
-// The demo checks its own claims: a wrong count fails the run (exit code 1), not just a line to eyeball.
 const program = Effect.gen(function*() {
-  const outcomes = yield* Effect.forEach(steps, runStep)
-  yield* printTable(outcomes.map((outcome) => outcome.row))
-  const problems = Array.getSomes(outcomes.map((outcome) => outcome.problem))
-  if (problems.length > 0) return yield* new DemoFailed({ message: problems.join("\n") })
-  yield* Console.log(`\nAll ${steps.length} steps behaved as promised; the body ran ${bodyRuns} times in all.`)
+  const address = (yield* HttpServer.HttpServer).address
+  if (address._tag !== "TcpAddress") return yield* new DemoFailed({ message: "the server is not on TCP" })
+  const base = `http://127.0.0.1:${address.port}`
+  yield* Console.log(`Orders API on ${base} (memory storage); a client retries against it over HTTP:\n`)
+
+  const earlier = new Map<string, string>()
+  const rows: Array<Record<string, string>> = []
+  const problems: Array<string> = []
+  for (const step of steps) {
+    const outcome = yield* runStep(base, step, earlier)
+    if (step.name === "first POST") firstOrderId = String(parse(outcome.reply).id)
+    rows.push(outcome.row)
+    for (const problem of outcome.problems) problems.push(problem)
+  }
+  yield* printTable(rows)
+
+  if (problems.length > 0) {
+    return yield* new DemoFailed({ message: `${problems.length} check(s) failed:\n${problems.join("\n")}` })
+  }
+  const requests = steps.reduce((total, step) => total + step.copies, 0)
+  const runs = yield* runsOf(base)
+  yield* Console.log(
+    `\nAll ${steps.length} steps behaved as promised: ${requests} requests, the handlers ran ` +
+      `${runs.orders + runs.payments} times (orders ${runs.orders}, payments ${runs.payments}).`
+  )
 })
 
-NodeRuntime.runMain(program.pipe(Effect.provide(MemoryStorage.layer())))
+// The server is a layer around the client: it stops (and the process ends) when the client is done.
+program.pipe(
+  Effect.provide(Server.layer({ storage: MemoryStorage.layer(), port: 0 })),
+  Effect.tapErrorCause((cause) =>
+    Option.match(Cause.failureOption(cause), {
+      onSome: (error) => Console.error(`\ndemo failed: ${error.message}`),
+      onNone: () => Console.error(`\ndemo failed:\n${Cause.pretty(cause)}`)
+    })
+  ),
+  (effect) => NodeRuntime.runMain(effect, { disableErrorReporting: true })
+)
