@@ -160,24 +160,50 @@ describe("Idempotent.wrap: storage failures", () => {
       Effect.provide(countingLayer(() => ({ acquire: (request) => Effect.fail(storageDown(request.key, "acquire")) })))
     ))
 
-  it.effect("a commit that fails: the caller and a local duplicate still get the value of the one run", () =>
+  it.effect("a commit that keeps failing is retried while the lease holds; then the caller and a local duplicate still get the value of the one run", () =>
     Effect.gen(function*() {
       const counts = yield* StorageCounts
       let runs = 0
       const call = Effect.sleep("1 second").pipe(
         Effect.zipRight(Effect.sync(() => ++runs)),
-        Idempotent.wrap({ key: "down-2", onInFlight: { wait: "10 seconds" } })
+        Idempotent.wrap({ key: "down-2", lease: "10 seconds", onInFlight: { wait: "30 seconds" } })
       )
       const first = yield* Effect.fork(call)
       yield* TestClock.adjust(Duration.zero)
       const duplicate = yield* Effect.fork(call)
       yield* TestClock.adjust("1 second")
+      assert.isUndefined(yield* poll(first), "gave up on the commit while the lease still held")
+      yield* TestClock.adjust("10 seconds")
       assert.strictEqual(successOf(yield* ended(first)), 1)
       assert.strictEqual(successOf(yield* ended(duplicate)), 1)
       assert.strictEqual(runs, 1)
-      assert.strictEqual(counts.commit, 1)
+      assert.isAbove(counts.commit, 3)
     }).pipe(
       Effect.provide(countingLayer(() => ({ commit: (lease) => Effect.fail(storageDown(lease.key, "commit")) })))
+    ))
+
+  it.effect("a commit that fails once is retried: the result is stored and a later call replays it", () =>
+    Effect.gen(function*() {
+      const counts = yield* StorageCounts
+      let runs = 0
+      const call = Effect.sync(() => ++runs).pipe(Idempotent.wrap({ key: "flaky-commit" }))
+      const first = yield* Effect.fork(call)
+      yield* TestClock.adjust("1 second")
+      assert.strictEqual(successOf(yield* ended(first)), 1)
+      assert.strictEqual(yield* call, 1)
+      assert.strictEqual(runs, 1)
+      assert.strictEqual(counts.commit, 2)
+    }).pipe(
+      Effect.provide(countingLayer((inner) => {
+        let failed = false
+        return {
+          commit: (lease, request) => {
+            if (failed) return inner.commit(lease, request)
+            failed = true
+            return Effect.fail(storageDown(lease.key, "commit"))
+          }
+        }
+      }))
     ))
 
   it.effect("a success the default JSON cannot encode fails with IdempotencyStorageError \"encode\" and releases the key", () =>

@@ -196,7 +196,10 @@ const scenarios = (base: string): Record<
   commit_error: Effect.gen(function*() {
     const faults = yield* Faults
     faults.commit = true
-    const exit = yield* Effect.exit(quick(`${base}/f`))
+    // The commit is retried while the lease holds (30 seconds by default), then given up.
+    const call = yield* Effect.fork(Effect.exit(quick(`${base}/f`)))
+    yield* TestClock.adjust("31 seconds")
+    const exit = yield* Fiber.join(call)
     faults.commit = false
     return exit
   }),

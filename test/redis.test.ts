@@ -484,8 +484,14 @@ describe("RedisStorage", () => {
           "key",
           "outcome",
           "payload",
-          "state"
+          "state",
+          "token"
         ])
+        // The holder's token stays, so a retried commit is answered as done, and owns nothing more.
+        assert.strictEqual(completed.token!.toString(), lease.token)
+        assert.isTrue(yield* storage.commit(lease, { outcome: "failure", payload, ttl: Duration.minutes(5) }))
+        assert.isFalse(yield* storage.renew(lease, Duration.seconds(20)))
+        assert.isFalse(yield* storage.release(lease))
         assert.strictEqual(completed.state!.toString(), "C")
         assert.strictEqual(completed.outcome!.toString(), "failure")
         assert.isTrue(completed.payload!.equals(Buffer.from(payload)))

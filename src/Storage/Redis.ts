@@ -146,9 +146,13 @@ return 1
 /** KEYS: record, fence. ARGV: token, outcome, payload, ttl millis, fence keep millis. */
 const commitScript = `${luaHelpers}
 local record = KEYS[1]
-if not owns(record, ARGV[1]) then return 0 end
+-- The token stays on the completed record, so a commit retried after its reply was lost answers
+-- 1 again instead of reporting the stored result as a lost lease.
+local held = redis.call("HMGET", record, "state", "token")
+if held[2] ~= ARGV[1] then return 0 end
+if held[1] == "C" then return 1 end
+if held[1] ~= "L" then return 0 end
 local now = nowMillis()
-redis.call("HDEL", record, "token")
 redis.call("HSET", record, "state", "C", "outcome", ARGV[2], "payload", ARGV[3],
   "createdAt", string.format("%d", now), "expiresAt", string.format("%d", now + tonumber(ARGV[4])))
 redis.call("PEXPIRE", record, ARGV[4])

@@ -45,6 +45,8 @@
  *   `SELECT` of the row; the caller acquired only if the row then holds its token.
  * - A first call is acquire and commit: two statements (three on MySQL); a replay is one (two on
  *   MySQL).
+ * - commit keeps the holder's token on the completed row, so a commit retried after its reply
+ *   was lost (a dropped connection) is answered as done; it owns nothing else.
  * - renew, commit, release: one `UPDATE ... WHERE token = ? AND state = 'in_flight' AND
  *   expires_at > now`. On PostgreSQL commit, release and delete also `pg_notify` in the same
  *   statement (`WITH done AS (UPDATE ... RETURNING key_hash) SELECT pg_notify(...) FROM done`).
@@ -290,12 +292,12 @@ const postgres = (sql: SqlClient.SqlClient, table: string): Dialect => {
       Effect.map(
         sql`
           WITH done AS (
-            UPDATE ${t} AS r SET state = 'completed', token = NULL, outcome = ${outcome}::text,
+            UPDATE ${t} AS r SET state = 'completed', outcome = ${outcome}::text,
               payload = ${payload}::bytea, created_at = clock.now,
               expires_at = clock.now + ${ttlMillis}::float8 * interval '1 millisecond'
             FROM (SELECT clock_timestamp() AS now) AS clock
-            WHERE r.key_hash = ${hash}::bytea AND r.token = ${token}::text AND r.state = 'in_flight'
-              AND r.expires_at > clock.now
+            WHERE r.key_hash = ${hash}::bytea AND r.token = ${token}::text
+              AND (r.state = 'completed' OR (r.state = 'in_flight' AND r.expires_at > clock.now))
             RETURNING r.key_hash
           )
           SELECT pg_notify(${channel}::text, encode(key_hash, 'hex')) FROM done
@@ -419,9 +421,10 @@ const mysql = (sql: SqlClient.SqlClient, table: string): Dialect => {
     commit: (hash, token, outcome, payload, ttlMillis) =>
       Effect.map(
         sql`
-          UPDATE ${t} SET state = 'completed', token = NULL, outcome = ${outcome}, payload = ${payload},
+          UPDATE ${t} SET state = 'completed', outcome = ${outcome}, payload = ${payload},
             created_at = ${nowMillis}, expires_at = ${nowMillis} + CAST(${ttlMillis} AS SIGNED)
-          WHERE key_hash = ${hash} AND token = ${token} AND state = 'in_flight' AND expires_at > ${nowMillis}
+          WHERE key_hash = ${hash} AND token = ${token}
+            AND (state = 'completed' OR (state = 'in_flight' AND expires_at > ${nowMillis}))
         `.raw,
         affected
       ),
@@ -520,9 +523,10 @@ const sqlite = (sql: SqlClient.SqlClient, table: string): Dialect => {
     commit: (hash, token, outcome, payload, ttlMillis) =>
       Effect.map(
         sql`
-          UPDATE ${t} SET state = 'completed', token = NULL, outcome = ${outcome}, payload = ${payload},
+          UPDATE ${t} SET state = 'completed', outcome = ${outcome}, payload = ${payload},
             created_at = ${nowMillis}, expires_at = ${nowMillis} + CAST(${ttlMillis} AS INTEGER)
-          WHERE key_hash = ${hash} AND token = ${token} AND state = 'in_flight' AND expires_at > ${nowMillis}
+          WHERE key_hash = ${hash} AND token = ${token}
+            AND (state = 'completed' OR (state = 'in_flight' AND expires_at > ${nowMillis}))
           RETURNING 1 AS committed
         `,
         (rows) => rows.length > 0

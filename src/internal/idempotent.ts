@@ -366,6 +366,27 @@ export const run = <A, E, R>(
             Effect.ensuring(Effect.sync(() => LocalFlights.settle(storage, flight, LocalFlights.released)))
           )
 
+        // A commit that failed (a dropped connection, a timeout) is tried again while the lease
+        // still holds: no one else can take the key until then, and commits are idempotent for
+        // their token, so one that landed but lost its reply is answered as done. Giving up early
+        // would let a waiting duplicate run the effect a second time once the lease ends.
+        const commitWithinLease = (
+          lease: Storage.Lease,
+          flight: LocalFlights.Flight,
+          request: Storage.CommitRequest
+        ): Effect.Effect<boolean, IdempotencyStorageError> => {
+          const attempt = (delayMillis: number): Effect.Effect<boolean, IdempotencyStorageError> =>
+            Effect.catchAll(
+              storage.commit(lease, request),
+              (error) =>
+                Effect.flatMap(Clock.currentTimeMillis, (now) =>
+                  now + delayMillis >= flight.leaseExpiresAt
+                    ? Effect.fail(error)
+                    : Effect.zipRight(Effect.sleep(delayMillis), attempt(Math.min(delayMillis * 2, 1000))))
+            )
+          return attempt(25)
+        }
+
         // What local duplicates replay: the record as the store keeps it.
         const recordOf = (
           lease: Storage.Lease,
@@ -390,7 +411,7 @@ export const run = <A, E, R>(
         ): Effect.Effect<void, IdempotencyLeaseLost> =>
           Effect.flatMap(Clock.currentTimeMillis, (now) => {
             const record = recordOf(lease, outcome, payload, now)
-            return storage.commit(lease, { outcome, payload, ttl: settings.ttl }).pipe(
+            return commitWithinLease(lease, flight, { outcome, payload, ttl: settings.ttl }).pipe(
               Effect.matchEffect({
                 onSuccess: (committed) => {
                   if (committed) {
