@@ -12,8 +12,9 @@ import type { BenchConfig, Suite } from "./harness.js"
 import * as Http from "./http.js"
 import * as Memory from "./memory.js"
 import * as Redis from "./redis.js"
+import * as Sql from "./sql.js"
 
-const suites: ReadonlyArray<Suite> = [Memory.suite, Redis.suite, Http.suite]
+const suites: ReadonlyArray<Suite> = [Memory.suite, Redis.suite, Sql.suite, Http.suite]
 
 const positiveInt = (name: string, fallback: number): number => {
   const raw = process.env[name]
