@@ -15,6 +15,7 @@ import * as internalFingerprint from "./internal/fingerprint.js"
 import * as internal from "./internal/idempotent.js"
 import * as internalKey from "./internal/key.js"
 import * as ResultCodec from "./internal/resultCodec.js"
+import * as tracing from "./internal/tracing.js"
 import type * as Storage from "./Storage.js"
 
 /**
@@ -102,34 +103,34 @@ const make = <A, E, R, F>(
   const onInFlight = options.onInFlight ?? "fail"
   const wait = onInFlight === "fail" ? undefined : Duration.decode(onInFlight.wait)
   const codec = ResultCodec.fromSchemas<A, E | F>(options.success, options.failure)
-  return Effect.suspend(() => {
-    const key = internalKey.validate(options.key)
-    if (Either.isLeft(key)) return Effect.fail(key.left)
-    const fingerprint = internalFingerprint.make(options.fingerprint)
-    if (Either.isLeft(fingerprint)) {
-      return Effect.fail(
-        new IdempotencyKeyInvalid({
+  return tracing.withSpan(
+    "Idempotent.wrap",
+    () => ({ "idempotency.key_hash": internalFingerprint.keyHash(String(options.key)) }),
+    (span) =>
+      Effect.suspend(() => {
+        const key = internalKey.validate(options.key)
+        if (Either.isLeft(key)) return Effect.fail(key.left)
+        const fingerprint = internalFingerprint.make(options.fingerprint)
+        if (Either.isLeft(fingerprint)) {
+          return Effect.fail(
+            new IdempotencyKeyInvalid({
+              key: key.right,
+              reason: "unencodable-fingerprint",
+              detail: fingerprint.left.detail
+            })
+          )
+        }
+        return internal.run<A, E | F, R>(self, {
           key: key.right,
-          reason: "unencodable-fingerprint",
-          detail: fingerprint.left.detail
+          fingerprint: fingerprint.right,
+          codec,
+          ttl,
+          lease,
+          wait,
+          transactional: options.transactional === true,
+          span
         })
-      )
-    }
-    return internal.run<A, E | F, R>(self, {
-      key: key.right,
-      fingerprint: fingerprint.right,
-      codec,
-      ttl,
-      lease,
-      wait,
-      transactional: options.transactional === true
-    })
-  }).pipe(
-    Effect.withSpan("Idempotent.wrap", {
-      attributes: { "idempotency.key_hash": internalFingerprint.keyHash(String(options.key)) },
-      // A stack trace per call costs more than the rest of a replay; the span's name says where it is.
-      captureStackTrace: false
-    })
+      })
   )
 }
 

@@ -359,4 +359,22 @@ describe("Idempotent.wrap observability", () => {
         assert.deepStrictEqual(yield* countersDelta(backend, run[scenario]), { ...zero, ...delta }, scenario)
       }
     }).pipe(Effect.provide(environment("metrics-test"))))
+
+  // Effect's built-in tracer exports nothing, so the wrap makes no span of its own under it (a span
+  // costs more than the rest of a replay) and leaves the caller's span as it found it.
+  it.effect("under Effect's built-in tracer no span is made and the caller's span is left alone", () =>
+    Effect.gen(function*() {
+      const seen = yield* Effect.currentSpan.pipe(
+        Effect.map((span) => span.name),
+        Idempotent.wrap({ key: "native-tracer" }),
+        Effect.withSpan("caller")
+      )
+      assert.strictEqual(seen, "caller")
+      const caller = yield* Effect.succeed(1).pipe(
+        Idempotent.wrap({ key: "native-tracer" }),
+        Effect.zipRight(Effect.currentSpan),
+        Effect.withSpan("caller")
+      )
+      assert.deepStrictEqual([...caller.attributes.keys()].filter((key) => key.startsWith("idempotency.")), [])
+    }).pipe(Effect.provide(MemoryStorage.layer())))
 })

@@ -10,6 +10,7 @@ import * as Fiber from "effect/Fiber"
 import * as Metric from "effect/Metric"
 import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
+import type * as Tracer from "effect/Tracer"
 import {
   type IdempotencyError,
   IdempotencyInFlight,
@@ -52,6 +53,8 @@ export interface Settings<A, E> {
   readonly wait: Duration.Duration | undefined
   /** Run the effect and commit its result in one storage transaction (`Storage.transaction`). */
   readonly transactional: boolean
+  /** The caller's span (`Idempotent.wrap`'s, the HTTP middleware's), told the backend and outcome. */
+  readonly span: Tracer.Span | undefined
 }
 
 type RunExit<A, E> = Exit.Exit<Exit.Exit<A, E>, IdempotencyLeaseLost>
@@ -73,11 +76,12 @@ const outcomeCounter: Record<Outcome, keyof metrics.BackendCounters> = {
   lease_lost: "leaseLost"
 }
 
-const noteOutcome = (counters: metrics.BackendCounters, outcome: Outcome) =>
-  Effect.zipRight(
-    Effect.annotateCurrentSpan("idempotency.outcome", outcome),
-    Metric.increment(counters[outcomeCounter[outcome]])
-  )
+const noteOutcome = (counters: metrics.BackendCounters, span: Tracer.Span | undefined, outcome: Outcome) => {
+  const counted = Metric.increment(counters[outcomeCounter[outcome]])
+  return span === undefined
+    ? counted
+    : Effect.zipRight(Effect.sync(() => span.attribute("idempotency.outcome", outcome)), counted)
+}
 
 const liveClock = Context.get(DefaultServices.liveServices, Clock.Clock)
 
@@ -135,25 +139,24 @@ export const run = <A, E, R>(
     const request: Storage.AcquireRequest = { key, fingerprint, lease: settings.lease }
 
     const reused = Effect.zipRight(
-      noteOutcome(counters, "reused"),
+      noteOutcome(counters, settings.span, "reused"),
       Effect.failSync(() => new IdempotencyKeyReused({ key }))
     )
     const inFlight = (remainingMillis: number) =>
       Effect.zipRight(
-        noteOutcome(counters, "in_flight"),
+        noteOutcome(counters, settings.span, "in_flight"),
         Effect.failSync(() =>
           new IdempotencyInFlight({ key, retryAfter: Duration.millis(Math.max(0, remainingMillis)) })
         )
       )
     const replay = (record: IdempotencyRecord): Effect.Effect<A, E | IdempotencyError> =>
       record.fingerprint === fingerprint
-        ? Effect.zipRight(noteOutcome(counters, "replayed"), codec.decode(record))
+        ? Effect.zipRight(noteOutcome(counters, settings.span, "replayed"), codec.decode(record))
         : reused
     const storageFailed = (error: IdempotencyStorageError) =>
       Effect.zipRight(Metric.increment(counters.storageErrors), Effect.fail(error))
 
-    // The caller's span (`Idempotent.wrap`, the HTTP middleware's) says which store answered.
-    const start = Effect.zipRight(Effect.annotateCurrentSpan("idempotency.backend", backend), Clock.currentTimeMillis)
+    settings.span?.attribute("idempotency.backend", backend)
 
     if (settings.transactional && storage.transaction === undefined) {
       return Effect.fail(
@@ -165,7 +168,7 @@ export const run = <A, E, R>(
       )
     }
 
-    return Effect.flatMap(start, (startedAt) => {
+    return Effect.flatMap(Clock.currentTimeMillis, (startedAt) => {
       const deadline = settings.wait === undefined ? startedAt : startedAt + Duration.toMillis(settings.wait)
 
       return Effect.uninterruptibleMask((restore) => {
@@ -250,7 +253,7 @@ export const run = <A, E, R>(
                 )
             )
             return Effect.zipRight(
-              noteOutcome(counters, "executed"),
+              noteOutcome(counters, settings.span, "executed"),
               storage.transaction !== undefined && settings.transactional
                 ? inTransaction(storage.transaction, runToEnd, lease, flight)
                 : Effect.flatMap(runToEnd, (outer) => finish(lease, flight, outer))
@@ -420,7 +423,7 @@ export const run = <A, E, R>(
                   }
                   LocalFlights.settle(storage, flight, LocalFlights.released)
                   return Effect.zipRight(
-                    noteOutcome(counters, "lease_lost"),
+                    noteOutcome(counters, settings.span, "lease_lost"),
                     Effect.fail(new IdempotencyLeaseLost({ key, fence: lease.fence }))
                   )
                 },
@@ -448,7 +451,7 @@ export const run = <A, E, R>(
             const lost = Cause.failureOption(outer.cause)
             if (Option.isSome(lost)) {
               LocalFlights.settle(storage, flight, LocalFlights.released)
-              return Effect.zipRight(noteOutcome(counters, "lease_lost"), Effect.fail(lost.value))
+              return Effect.zipRight(noteOutcome(counters, settings.span, "lease_lost"), Effect.fail(lost.value))
             }
             return Effect.zipRight(releaseKey(lease, flight), Effect.failCause(outer.cause))
           }
