@@ -420,7 +420,16 @@ export const make = <E2 = never, R2 = never>(
       )
 
       const span = Option.getOrUndefined(yield* Effect.option(Effect.currentSpan))
-      const outcome = yield* internal.run(self, { key, fingerprint, codec, ttl, lease, wait, transactional: false, span })
+      const outcome = yield* internal.run(self, {
+        key,
+        fingerprint,
+        codec,
+        ttl,
+        lease,
+        wait,
+        transactional: false,
+        span
+      })
         .pipe(
           Effect.exit,
           Effect.ensuring(Deferred.succeed(decided, undefined))
