@@ -73,7 +73,9 @@ export interface RedisStorageOptions {
 
 // Time after a key's last lease or record that its fence counter is kept. A counter that expires
 // anyway restarts from the server clock in milliseconds (see `acquireScript`), above every fence
-// it handed out unless the key averaged more than one new owner per millisecond.
+// it handed out unless the key averaged more than one new owner per millisecond. Every script that
+// sets the record's expiry sets the counter's to the same plus this margin, so the counter always
+// outlives the record it numbers (an older, longer expiry belonged to a record that is gone).
 const fenceMargin = Duration.hours(1)
 
 // Redis rejects expiry times it cannot add to its clock; a hundred years is "forever" enough.
@@ -94,12 +96,6 @@ local function nowMillis()
   return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 end
 
--- The fence counter must outlive every lease and record of its key: only ever lengthen its life.
-local function keepFence(fence, keepMillis)
-  if redis.call("PTTL", fence) < tonumber(keepMillis) then
-    redis.call("PEXPIRE", fence, keepMillis)
-  end
-end
 
 local function owns(record, token)
   local held = redis.call("HMGET", record, "state", "token")
@@ -127,9 +123,10 @@ if issued == 1 then
   -- A new counter: the key was never used, or its counter expired after outliving every lease and
   -- record. Starting from the clock keeps fences growing across that expiry.
   issued = nowMillis()
-  redis.call("SET", fence, string.format("%d", issued))
+  redis.call("SET", fence, string.format("%d", issued), "PX", ARGV[5])
+else
+  redis.call("PEXPIRE", fence, ARGV[5])
 end
-keepFence(fence, ARGV[5])
 redis.call("HSET", record, "state", "L", "key", ARGV[4], "fp", ARGV[3], "token", ARGV[2], "fence", string.format("%d", issued))
 redis.call("PEXPIRE", record, ARGV[1])
 return { "A", issued }
@@ -139,7 +136,7 @@ return { "A", issued }
 const renewScript = `${luaHelpers}
 if not owns(KEYS[1], ARGV[1]) then return 0 end
 redis.call("PEXPIRE", KEYS[1], ARGV[2])
-keepFence(KEYS[2], ARGV[3])
+redis.call("PEXPIRE", KEYS[2], ARGV[3])
 return 1
 `
 
@@ -156,7 +153,7 @@ local now = nowMillis()
 redis.call("HSET", record, "state", "C", "outcome", ARGV[2], "payload", ARGV[3],
   "createdAt", string.format("%d", now), "expiresAt", string.format("%d", now + tonumber(ARGV[4])))
 redis.call("PEXPIRE", record, ARGV[4])
-keepFence(KEYS[2], ARGV[5])
+redis.call("PEXPIRE", KEYS[2], ARGV[5])
 redis.call("SPUBLISH", record .. ":changed", "C")
 return 1
 `
