@@ -326,6 +326,8 @@ export const make = (
             ),
           timeoutMillis
         )
+        // The connection keeps the process alive while a command is out; this timer need not.
+        timer.unref()
         try {
           run().then(
             (value) => settle(Effect.succeed(value)),
@@ -334,10 +336,8 @@ export const make = (
         } catch (cause) {
           settle(Effect.fail(failure(operation, key)(cause)))
         }
-        return Effect.sync(() => {
-          settled = true
-          clearTimeout(timer)
-        })
+        // No canceler: an interrupted caller stops waiting at once anyway and the timer ends by
+        // itself, while a canceler would wrap every call in an interruption handler.
       })
 
     // ioredis rejects a failed connect with "Connection is closed."; the error event before it

@@ -106,15 +106,17 @@ const awaitRun = <A, E>(
           resume(Effect.succeed(undefined))
         }, millis)
         : undefined
+      // The run may outlive a waiter that is interrupted (the caller went away and interrupts the
+      // run next); its timer must not keep the process alive meanwhile.
+      timer?.unref()
       const onExit = (exit: Exit.Exit<A, E>) => {
         clearTimeout(timer)
         resume(Effect.succeed(exit))
       }
       run.addObserver(onExit)
-      return Effect.sync(() => {
-        clearTimeout(timer)
-        run.removeObserver(onExit)
-      })
+      // No canceler: one would wrap every wait in an interruption handler. An interrupted waiter's
+      // observer and timer fire once the run ends (its caller interrupts it at once) or the timer
+      // does, and resume nothing.
     })
   })
 
