@@ -1,5 +1,5 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Duration, Effect, Option, TestClock } from "effect"
+import { Duration, Effect, FiberRef, Option, TestClock } from "effect"
 import { IdempotencyError, Idempotent, Storage } from "../src/index.js"
 import { countingLayer, StorageCounts } from "./fixtures/CountingStorage.js"
 import { ended, failsWith, poll, successOf } from "./fixtures/Exits.js"
@@ -117,6 +117,25 @@ describe("Idempotent.Execution", () => {
       assert.deepStrictEqual(seen.map((execution) => execution.key), ["fenced-1", "fenced-1"])
       assert.isAbove(seen[1]!.fence, seen[0]!.fence)
       assert.strictEqual(fence, seen[1]!.fence)
+    }).pipe(Effect.provide(countingLayer())))
+
+  it.effect("Execution is the run's own: nested runs see theirs, the caller sees none after, the run's fiber refs carry on", () =>
+    Effect.gen(function*() {
+      const annotation = FiberRef.unsafeMake("unset")
+      const inner = Effect.map(Idempotent.Execution, (execution) => execution.key).pipe(
+        Idempotent.wrap({ key: "nested-inner" })
+      )
+      const outer = Effect.gen(function*() {
+        const before = (yield* Idempotent.Execution).key
+        const nested = yield* inner
+        const after = (yield* Idempotent.Execution).key
+        yield* FiberRef.set(annotation, "set by the run")
+        return [before, nested, after]
+      }).pipe(Idempotent.wrap({ key: "nested-outer" }))
+
+      assert.deepStrictEqual(yield* outer, ["nested-outer", "nested-inner", "nested-outer"])
+      assert.isTrue(Option.isNone(yield* Effect.serviceOption(Idempotent.Execution)))
+      assert.strictEqual(yield* FiberRef.get(annotation), "set by the run")
     }).pipe(Effect.provide(countingLayer())))
 })
 

@@ -7,6 +7,7 @@ import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Exit from "effect/Exit"
 import * as Fiber from "effect/Fiber"
+import * as FiberRef from "effect/FiberRef"
 import * as Metric from "effect/Metric"
 import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
@@ -119,6 +120,27 @@ const awaitRun = <A, E>(
       // does, and resume nothing.
     })
   })
+
+/**
+ * `self` with `Execution` in its context, for a fiber of its own that starts uninterruptible;
+ * `restore` makes `self` interruptible again. `Effect.provideService` would do, but it scopes the
+ * change with a full acquire/use/release (a quarter of a first call's operations); on a fiber
+ * that ends with `self`, setting the context and putting it back on exit is enough. Putting it
+ * back matters: the caller inherits the run's fiber refs as a join would.
+ */
+const withExecution = <A, E, R>(
+  self: Effect.Effect<A, E, R>,
+  execution: ExecutionInfo,
+  restore: <A, E, R>(effect: Effect.Effect<A, E, R>) => Effect.Effect<A, E, R>
+): Effect.Effect<A, E, Exclude<R, Execution>> =>
+  Effect.flatMap(Effect.context<never>(), (context) =>
+    Effect.zipRight(
+      FiberRef.set(FiberRef.currentContext, Context.add(context, Execution, execution)),
+      Effect.onExit(
+        restore(self as Effect.Effect<A, E, Exclude<R, Execution>>),
+        () => FiberRef.set(FiberRef.currentContext, context)
+      )
+    ))
 
 // Read after each wait, so a waiter that outlived the lease sees the key as it is now.
 type Waited = Option.Option<LocalFlights.Shared>
@@ -240,9 +262,8 @@ export const run = <A, E, R>(
         const execute = (lease: Storage.Lease, flight: LocalFlights.Flight) =>
           Effect.flatMap(Clock.currentTimeMillis, (acquiredAt) => {
             flight.leaseExpiresAt = acquiredAt + leaseMillis
-            const program = Effect.provideService(self, Execution, { key, fence: lease.fence })
             const runToEnd: Effect.Effect<RunExit<A, E>, never, Exclude<R, Execution>> = Effect.flatMap(
-              Effect.fork(restore(program)),
+              Effect.fork(withExecution(self, { key, fence: lease.fence }, restore)),
               (run) =>
                 Effect.flatMap(
                   Effect.exit(restore(supervise(run, lease, flight, acquiredAt))),
