@@ -92,34 +92,34 @@ const liveClock = Context.get(DefaultServices.liveServices, Clock.Clock)
  * first call. Any other clock (`TestClock`) gets the same race in plain Effect.
  */
 const awaitRun = <A, E>(
+  clock: Clock.Clock,
   run: Fiber.RuntimeFiber<A, E>,
   millis: number
-): Effect.Effect<Exit.Exit<A, E> | undefined> =>
-  Effect.clockWith((clock) => {
-    if (clock !== liveClock) {
-      return Effect.raceFirst(Fiber.await(run), Effect.as(Effect.sleep(millis), undefined))
+): Effect.Effect<Exit.Exit<A, E> | undefined> => {
+  if (clock !== liveClock) {
+    return Effect.raceFirst(Fiber.await(run), Effect.as(Effect.sleep(millis), undefined))
+  }
+  return Effect.async<Exit.Exit<A, E> | undefined>((resume) => {
+    // setTimeout fires at once past 2^31 - 1 millis: a longer wait has no timer, only the observer.
+    const timer = millis <= 2 ** 31 - 1
+      ? setTimeout(() => {
+        run.removeObserver(onExit)
+        resume(Effect.succeed(undefined))
+      }, millis)
+      : undefined
+    // The run may outlive a waiter that is interrupted (the caller went away and interrupts the
+    // run next); its timer must not keep the process alive meanwhile.
+    timer?.unref()
+    const onExit = (exit: Exit.Exit<A, E>) => {
+      clearTimeout(timer)
+      resume(Effect.succeed(exit))
     }
-    return Effect.async<Exit.Exit<A, E> | undefined>((resume) => {
-      // setTimeout fires at once past 2^31 - 1 millis: a longer wait has no timer, only the observer.
-      const timer = millis <= 2 ** 31 - 1
-        ? setTimeout(() => {
-          run.removeObserver(onExit)
-          resume(Effect.succeed(undefined))
-        }, millis)
-        : undefined
-      // The run may outlive a waiter that is interrupted (the caller went away and interrupts the
-      // run next); its timer must not keep the process alive meanwhile.
-      timer?.unref()
-      const onExit = (exit: Exit.Exit<A, E>) => {
-        clearTimeout(timer)
-        resume(Effect.succeed(exit))
-      }
-      run.addObserver(onExit)
-      // No canceler: one would wrap every wait in an interruption handler. An interrupted waiter's
-      // observer and timer fire once the run ends (its caller interrupts it at once) or the timer
-      // does, and resume nothing.
-    })
+    run.addObserver(onExit)
+    // No canceler: one would wrap every wait in an interruption handler. An interrupted waiter's
+    // observer and timer fire once the run ends (its caller interrupts it at once) or the timer
+    // does, and resume nothing.
   })
+}
 
 /**
  * `self` with `Execution` in its context, for a fiber of its own that starts uninterruptible;
@@ -192,7 +192,9 @@ export const run = <A, E, R>(
       )
     }
 
-    return Effect.flatMap(Clock.currentTimeMillis, (startedAt) => {
+    // One clock for the whole call, read synchronously where a time is needed.
+    return Effect.clockWith((clock) => {
+      const startedAt = clock.unsafeCurrentTimeMillis()
       const deadline = settings.wait === undefined ? startedAt : startedAt + Duration.toMillis(settings.wait)
 
       return Effect.uninterruptibleMask((restore) => {
@@ -205,10 +207,9 @@ export const run = <A, E, R>(
               return restore(replay(result.record))
             case "InFlight": {
               if (result.fingerprint !== undefined && result.fingerprint !== fingerprint) return reused
-              return Effect.flatMap(Clock.currentTimeMillis, (now) =>
-                now >= deadline
-                  ? inFlight(Duration.toMillis(result.leaseRemaining))
-                  : Effect.flatMap(waitForStore, step))
+              return clock.unsafeCurrentTimeMillis() >= deadline
+                ? inFlight(Duration.toMillis(result.leaseRemaining))
+                : Effect.flatMap(waitForStore, step)
             }
             case "Acquired": {
               if (shared.leader) return execute(result.lease, shared.flight)
@@ -234,33 +235,33 @@ export const run = <A, E, R>(
                   if (result._tag !== "InFlight" || otherRequest) {
                     return Effect.succeed(Option.some(shared))
                   }
-                  return Effect.flatMap(Clock.currentTimeMillis, (now) => {
-                    if (now >= deadline) return Effect.succeed(Option.some(shared))
-                    const sleep = Math.min(Duration.toMillis(result.leaseRemaining), deadline - now)
-                    return Effect.as(restore(Effect.raceFirst(changed, Effect.sleep(sleep))), Option.none())
-                  })
+                  const now = clock.unsafeCurrentTimeMillis()
+                  if (now >= deadline) return Effect.succeed(Option.some(shared))
+                  const sleep = Math.min(Duration.toMillis(result.leaseRemaining), deadline - now)
+                  return Effect.as(restore(Effect.raceFirst(changed, Effect.sleep(sleep))), Option.none())
                 })
             )
           ).pipe(Effect.flatMap(Option.match({ onNone: () => waitForStore, onSome: Effect.succeed })))
         )
 
-        const awaitLocalRun = (flight: LocalFlights.Flight) =>
-          Effect.flatMap(Clock.currentTimeMillis, (now) => {
-            if (now >= deadline) return inFlight(flight.leaseExpiresAt - now)
-            return Effect.flatMap(
-              restore(Effect.timeoutOption(LocalFlights.awaitSettled(flight), deadline - now)),
-              Option.match({
-                onNone: () => Effect.flatMap(Clock.currentTimeMillis, (now) => inFlight(flight.leaseExpiresAt - now)),
-                onSome: (settlement) =>
-                  settlement._tag === "Completed" ? restore(replay(settlement.record)) : Effect.flatMap(acquire, step)
-              })
-            )
-          })
+        const awaitLocalRun = (flight: LocalFlights.Flight) => {
+          const now = clock.unsafeCurrentTimeMillis()
+          if (now >= deadline) return inFlight(flight.leaseExpiresAt - now)
+          return Effect.flatMap(
+            restore(Effect.timeoutOption(LocalFlights.awaitSettled(flight), deadline - now)),
+            Option.match({
+              onNone: () => inFlight(flight.leaseExpiresAt - clock.unsafeCurrentTimeMillis()),
+              onSome: (settlement) =>
+                settlement._tag === "Completed" ? restore(replay(settlement.record)) : Effect.flatMap(acquire, step)
+            })
+          )
+        }
 
         // The run gets a fiber of its own, so that a lost lease can interrupt it without
         // interrupting the caller; this fiber supervises it and renews the lease meanwhile.
         const execute = (lease: Storage.Lease, flight: LocalFlights.Flight) =>
-          Effect.flatMap(Clock.currentTimeMillis, (acquiredAt) => {
+          Effect.suspend(() => {
+            const acquiredAt = clock.unsafeCurrentTimeMillis()
             flight.leaseExpiresAt = acquiredAt + leaseMillis
             const runToEnd: Effect.Effect<RunExit<A, E>, never, Exclude<R, Execution>> = Effect.flatMap(
               Effect.fork(withExecution(self, { key, fence: lease.fence }, restore)),
@@ -299,18 +300,16 @@ export const run = <A, E, R>(
               const value = outer.value.value
               const payload = codec.encodeSuccess(value)
               if (Either.isLeft(payload)) return Effect.fail(new RollBack(outer))
-              return Effect.flatMap(Clock.currentTimeMillis, (now) => {
-                const record = recordOf(lease, "success", payload.right, now)
-                return Effect.flatMap(
-                  storage.commit(lease, { outcome: "success", payload: payload.right, ttl: settings.ttl }),
-                  (committed) =>
-                    committed
-                      ? Effect.succeed({ value, record })
-                      : Effect.fail(
-                        new RollBack<A, E>(Exit.fail(new IdempotencyLeaseLost({ key, fence: lease.fence })))
-                      )
-                )
-              })
+              const record = recordOf(lease, "success", payload.right, clock.unsafeCurrentTimeMillis())
+              return Effect.flatMap(
+                storage.commit(lease, { outcome: "success", payload: payload.right, ttl: settings.ttl }),
+                (committed) =>
+                  committed
+                    ? Effect.succeed({ value, record })
+                    : Effect.fail(
+                      new RollBack<A, E>(Exit.fail(new IdempotencyLeaseLost({ key, fence: lease.fence })))
+                    )
+              )
             }))),
             (exit): Effect.Effect<A, E | IdempotencyError> => {
               if (Exit.isSuccess(exit)) {
@@ -345,7 +344,7 @@ export const run = <A, E, R>(
           )
           if (!storage.capabilities.renewal) {
             return Effect.flatMap(
-              awaitRun(run, leaseMillis),
+              awaitRun(clock, run, leaseMillis),
               (exit) => exit === undefined ? lost : Effect.succeed(exit)
             )
           }
@@ -357,25 +356,26 @@ export const run = <A, E, R>(
           )
           const renew: Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> = Effect.flatMap(
             renewOrEnd,
-            (renewed) =>
-              Exit.isExit(renewed) ? Effect.succeed(renewed) : Effect.flatMap(Clock.currentTimeMillis, (now) => {
-                if (Either.isRight(renewed)) {
-                  if (!renewed.right) return lost
-                  lastRenewed = now
-                  flight.leaseExpiresAt = now + leaseMillis
-                  return loop
-                }
-                if (now - lastRenewed >= leaseMillis) return lost
-                return Effect.zipRight(
-                  Effect.logWarning("idempotency lease renewal failed; retrying").pipe(
-                    Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: renewed.left.message })
-                  ),
-                  loop
-                )
-              })
+            (renewed) => {
+              if (Exit.isExit(renewed)) return Effect.succeed(renewed)
+              const now = clock.unsafeCurrentTimeMillis()
+              if (Either.isRight(renewed)) {
+                if (!renewed.right) return lost
+                lastRenewed = now
+                flight.leaseExpiresAt = now + leaseMillis
+                return loop
+              }
+              if (now - lastRenewed >= leaseMillis) return lost
+              return Effect.zipRight(
+                Effect.logWarning("idempotency lease renewal failed; retrying").pipe(
+                  Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: renewed.left.message })
+                ),
+                loop
+              )
+            }
           )
           const loop: Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> = Effect.flatMap(
-            awaitRun(run, leaseMillis / 3),
+            awaitRun(clock, run, leaseMillis / 3),
             (exit) => exit === undefined ? renew : Effect.succeed(exit)
           )
           return loop
@@ -405,10 +405,9 @@ export const run = <A, E, R>(
             Effect.catchAll(
               storage.commit(lease, request),
               (error) =>
-                Effect.flatMap(Clock.currentTimeMillis, (now) =>
-                  now + delayMillis >= flight.leaseExpiresAt
-                    ? Effect.fail(error)
-                    : Effect.zipRight(Effect.sleep(delayMillis), attempt(Math.min(delayMillis * 2, 1000))))
+                clock.unsafeCurrentTimeMillis() + delayMillis >= flight.leaseExpiresAt
+                  ? Effect.fail(error)
+                  : Effect.zipRight(Effect.sleep(delayMillis), attempt(Math.min(delayMillis * 2, 1000)))
             )
           return attempt(25)
         }
@@ -434,36 +433,35 @@ export const run = <A, E, R>(
           flight: LocalFlights.Flight,
           outcome: IdempotencyRecord["outcome"],
           payload: Uint8Array
-        ): Effect.Effect<void, IdempotencyLeaseLost> =>
-          Effect.flatMap(Clock.currentTimeMillis, (now) => {
-            const record = recordOf(lease, outcome, payload, now)
-            return commitWithinLease(lease, flight, { outcome, payload, ttl: settings.ttl }).pipe(
-              Effect.matchEffect({
-                onSuccess: (committed) => {
-                  if (committed) {
-                    LocalFlights.settle(storage, flight, { _tag: "Completed", record })
-                    return Effect.void
-                  }
-                  LocalFlights.settle(storage, flight, LocalFlights.released)
-                  return Effect.zipRight(
-                    noteOutcome(counters, settings.span, "lease_lost"),
-                    Effect.fail(new IdempotencyLeaseLost({ key, fence: lease.fence }))
-                  )
-                },
-                // The run happened and its caller gets its result; local duplicates get it too. The
-                // store did not keep it, so a retry after the lease ends would run again: say so loudly.
-                onFailure: (error) => {
+        ): Effect.Effect<void, IdempotencyLeaseLost> => {
+          const record = recordOf(lease, outcome, payload, clock.unsafeCurrentTimeMillis())
+          return commitWithinLease(lease, flight, { outcome, payload, ttl: settings.ttl }).pipe(
+            Effect.matchEffect({
+              onSuccess: (committed) => {
+                if (committed) {
                   LocalFlights.settle(storage, flight, { _tag: "Completed", record })
-                  return Effect.zipRight(
-                    Metric.increment(counters.commitFailures),
-                    Effect.logError("idempotency commit failed; the result was returned but not stored").pipe(
-                      Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: error.message })
-                    )
-                  )
+                  return Effect.void
                 }
-              })
-            )
-          })
+                LocalFlights.settle(storage, flight, LocalFlights.released)
+                return Effect.zipRight(
+                  noteOutcome(counters, settings.span, "lease_lost"),
+                  Effect.fail(new IdempotencyLeaseLost({ key, fence: lease.fence }))
+                )
+              },
+              // The run happened and its caller gets its result; local duplicates get it too. The
+              // store did not keep it, so a retry after the lease ends would run again: say so loudly.
+              onFailure: (error) => {
+                LocalFlights.settle(storage, flight, { _tag: "Completed", record })
+                return Effect.zipRight(
+                  Metric.increment(counters.commitFailures),
+                  Effect.logError("idempotency commit failed; the result was returned but not stored").pipe(
+                    Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: error.message })
+                  )
+                )
+              }
+            })
+          )
+        }
 
         const finish = (
           lease: Storage.Lease,
