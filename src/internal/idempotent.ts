@@ -155,17 +155,22 @@ export const run = <A, E, R>(
   self: Effect.Effect<A, E, R>,
   settings: Settings<A, E>
 ): Effect.Effect<A, E | IdempotencyError, Exclude<R, Execution> | Storage.Storage> =>
-  Effect.flatMap(Storage.Storage, (storage) => {
+  // The store and the clock are read off the fiber at once, not through an Effect each; the clock
+  // is then read synchronously wherever the call needs the time.
+  Effect.withFiberRuntime((fiber) => {
+    const storage = Context.unsafeGet(fiber.currentContext, Storage.Storage)
+    const clock = Context.get(fiber.currentDefaultServices, Clock.Clock)
     const { codec, fingerprint, key } = settings
     const backend = storage.backend
     const counters = metrics.forBackend(backend)
     const leaseMillis = Duration.toMillis(settings.lease)
     const request: Storage.AcquireRequest = { key, fingerprint, lease: settings.lease }
 
-    const reused = Effect.zipRight(
-      noteOutcome(counters, settings.span, "reused"),
-      Effect.failSync(() => new IdempotencyKeyReused({ key }))
-    )
+    const reused = () =>
+      Effect.zipRight(
+        noteOutcome(counters, settings.span, "reused"),
+        Effect.failSync(() => new IdempotencyKeyReused({ key }))
+      )
     const inFlight = (remainingMillis: number) =>
       Effect.zipRight(
         noteOutcome(counters, settings.span, "in_flight"),
@@ -176,7 +181,7 @@ export const run = <A, E, R>(
     const replay = (record: IdempotencyRecord): Effect.Effect<A, E | IdempotencyError> =>
       record.fingerprint === fingerprint
         ? Effect.zipRight(noteOutcome(counters, settings.span, "replayed"), codec.decode(record))
-        : reused
+        : reused()
     const storageFailed = (error: IdempotencyStorageError) =>
       Effect.zipRight(Metric.increment(counters.storageErrors), Effect.fail(error))
 
@@ -192,308 +197,305 @@ export const run = <A, E, R>(
       )
     }
 
-    // One clock for the whole call, read synchronously where a time is needed.
-    return Effect.clockWith((clock) => {
-      const startedAt = clock.unsafeCurrentTimeMillis()
-      const deadline = settings.wait === undefined ? startedAt : startedAt + Duration.toMillis(settings.wait)
+    const startedAt = clock.unsafeCurrentTimeMillis()
+    const deadline = settings.wait === undefined ? startedAt : startedAt + Duration.toMillis(settings.wait)
 
-      return Effect.uninterruptibleMask((restore) => {
-        const acquire = Effect.catchAll(LocalFlights.acquire(storage, request), storageFailed)
+    return Effect.uninterruptibleMask((restore) => {
+      const acquire = Effect.catchAll(LocalFlights.acquire(storage, request), storageFailed)
 
-        const step = (shared: LocalFlights.Shared): Effect.Effect<A, E | IdempotencyError, Exclude<R, Execution>> => {
-          const result = shared.result
-          switch (result._tag) {
-            case "Completed":
-              return restore(replay(result.record))
-            case "InFlight": {
-              if (result.fingerprint !== undefined && result.fingerprint !== fingerprint) return reused
-              return clock.unsafeCurrentTimeMillis() >= deadline
-                ? inFlight(Duration.toMillis(result.leaseRemaining))
-                : Effect.flatMap(waitForStore, step)
-            }
-            case "Acquired": {
-              if (shared.leader) return execute(result.lease, shared.flight)
-              if (shared.flight.fingerprint !== fingerprint) return reused
-              return awaitLocalRun(shared.flight)
-            }
+      const step = (shared: LocalFlights.Shared): Effect.Effect<A, E | IdempotencyError, Exclude<R, Execution>> => {
+        const result = shared.result
+        switch (result._tag) {
+          case "Completed":
+            return restore(replay(result.record))
+          case "InFlight": {
+            if (result.fingerprint !== undefined && result.fingerprint !== fingerprint) return reused()
+            return clock.unsafeCurrentTimeMillis() >= deadline
+              ? inFlight(Duration.toMillis(result.leaseRemaining))
+              : Effect.flatMap(waitForStore, step)
+          }
+          case "Acquired": {
+            if (shared.leader) return execute(result.lease, shared.flight)
+            if (shared.flight.fingerprint !== fingerprint) return reused()
+            return awaitLocalRun(shared.flight)
           }
         }
+      }
 
-        // Subscribe, then look again, then sleep until woken or the holder's lease would end (a
-        // crashed holder sends no notice). Nothing committed between the look and the sleep is missed.
-        const waitForStore: Effect.Effect<LocalFlights.Shared, IdempotencyStorageError> = Effect.suspend(() =>
-          Effect.scoped(
-            Effect.flatMap(
-              Effect.catchAll(storage.watch(key), storageFailed),
-              (changed): Effect.Effect<Waited, IdempotencyStorageError, Scope.Scope> =>
-                Effect.flatMap(acquire, (shared) => {
-                  const result = shared.result
-                  // An unknown holder fingerprint (a basic store between lock and marker) is waited on, as
-                  // `step` does; handed back to `step`, it would come straight back here without sleeping.
-                  const otherRequest = result._tag === "InFlight" && result.fingerprint !== undefined &&
-                    result.fingerprint !== fingerprint
-                  if (result._tag !== "InFlight" || otherRequest) {
-                    return Effect.succeed(Option.some(shared))
-                  }
-                  const now = clock.unsafeCurrentTimeMillis()
-                  if (now >= deadline) return Effect.succeed(Option.some(shared))
-                  const sleep = Math.min(Duration.toMillis(result.leaseRemaining), deadline - now)
-                  return Effect.as(restore(Effect.raceFirst(changed, Effect.sleep(sleep))), Option.none())
-                })
-            )
-          ).pipe(Effect.flatMap(Option.match({ onNone: () => waitForStore, onSome: Effect.succeed })))
-        )
-
-        const awaitLocalRun = (flight: LocalFlights.Flight) => {
-          const now = clock.unsafeCurrentTimeMillis()
-          if (now >= deadline) return inFlight(flight.leaseExpiresAt - now)
-          return Effect.flatMap(
-            restore(Effect.timeoutOption(LocalFlights.awaitSettled(flight), deadline - now)),
-            Option.match({
-              onNone: () => inFlight(flight.leaseExpiresAt - clock.unsafeCurrentTimeMillis()),
-              onSome: (settlement) =>
-                settlement._tag === "Completed" ? restore(replay(settlement.record)) : Effect.flatMap(acquire, step)
-            })
-          )
-        }
-
-        // The run gets a fiber of its own, so that a lost lease can interrupt it without
-        // interrupting the caller; this fiber supervises it and renews the lease meanwhile.
-        const execute = (lease: Storage.Lease, flight: LocalFlights.Flight) =>
-          Effect.suspend(() => {
-            const acquiredAt = clock.unsafeCurrentTimeMillis()
-            flight.leaseExpiresAt = acquiredAt + leaseMillis
-            const runToEnd: Effect.Effect<RunExit<A, E>, never, Exclude<R, Execution>> = Effect.flatMap(
-              Effect.fork(withExecution(self, { key, fence: lease.fence }, restore)),
-              (run) =>
-                Effect.flatMap(
-                  Effect.exit(restore(supervise(run, lease, flight, acquiredAt))),
-                  (outer) =>
-                    Exit.isFailure(outer) && Option.isNone(Cause.failureOption(outer.cause))
-                      // The caller was interrupted: the run goes with it.
-                      ? Effect.as(Fiber.interrupt(run), outer)
-                      // Like a join: what the run set in FiberRefs (log annotations, say) carries on.
-                      : Effect.as(Fiber.inheritAll(run), outer)
-                )
-            )
-            return Effect.zipRight(
-              noteOutcome(counters, settings.span, "executed"),
-              storage.transaction !== undefined && settings.transactional
-                ? inTransaction(storage.transaction, runToEnd, lease, flight)
-                : Effect.flatMap(runToEnd, (outer) => finish(lease, flight, outer))
-            )
-          })
-
-        // The run and the commit of its success share one storage transaction, so the caller's own
-        // writes through the same client land with the stored result or not at all. Any other end
-        // rolls the transaction back and is then handled as usual: a typed failure is stored
-        // outside it, anything else releases the key.
-        const inTransaction = (
-          transaction: NonNullable<Storage.StorageService["transaction"]>,
-          runToEnd: Effect.Effect<RunExit<A, E>, never, Exclude<R, Execution>>,
-          lease: Storage.Lease,
-          flight: LocalFlights.Flight
-        ) =>
+      // Subscribe, then look again, then sleep until woken or the holder's lease would end (a
+      // crashed holder sends no notice). Nothing committed between the look and the sleep is missed.
+      const waitForStore: Effect.Effect<LocalFlights.Shared, IdempotencyStorageError> = Effect.suspend(() =>
+        Effect.scoped(
           Effect.flatMap(
-            Effect.exit(transaction(Effect.flatMap(runToEnd, (outer) => {
-              if (Exit.isFailure(outer) || Exit.isFailure(outer.value)) return Effect.fail(new RollBack(outer))
-              const value = outer.value.value
-              const payload = codec.encodeSuccess(value)
-              if (Either.isLeft(payload)) return Effect.fail(new RollBack(outer))
-              const record = recordOf(lease, "success", payload.right, clock.unsafeCurrentTimeMillis())
-              return Effect.flatMap(
-                storage.commit(lease, { outcome: "success", payload: payload.right, ttl: settings.ttl }),
-                (committed) =>
-                  committed
-                    ? Effect.succeed({ value, record })
-                    : Effect.fail(
-                      new RollBack<A, E>(Exit.fail(new IdempotencyLeaseLost({ key, fence: lease.fence })))
-                    )
-              )
-            }))),
-            (exit): Effect.Effect<A, E | IdempotencyError> => {
-              if (Exit.isSuccess(exit)) {
-                LocalFlights.settle(storage, flight, { _tag: "Completed", record: exit.value.record })
-                return Effect.succeed(exit.value.value)
-              }
-              const failure = Cause.failureOption(exit.cause)
-              if (Option.isSome(failure) && failure.value instanceof RollBack) {
-                return finish(lease, flight, failure.value.outer)
-              }
-              // The transaction itself failed (begin, the commit statement, or COMMIT): nothing the
-              // run wrote was kept, so neither is the key.
-              return Effect.zipRight(
-                releaseKey(lease, flight),
-                Effect.failCause(exit.cause as Cause.Cause<IdempotencyStorageError>)
-              )
-            }
+            Effect.catchAll(storage.watch(key), storageFailed),
+            (changed): Effect.Effect<Waited, IdempotencyStorageError, Scope.Scope> =>
+              Effect.flatMap(acquire, (shared) => {
+                const result = shared.result
+                // An unknown holder fingerprint (a basic store between lock and marker) is waited on, as
+                // `step` does; handed back to `step`, it would come straight back here without sleeping.
+                const otherRequest = result._tag === "InFlight" && result.fingerprint !== undefined &&
+                  result.fingerprint !== fingerprint
+                if (result._tag !== "InFlight" || otherRequest) {
+                  return Effect.succeed(Option.some(shared))
+                }
+                const now = clock.unsafeCurrentTimeMillis()
+                if (now >= deadline) return Effect.succeed(Option.some(shared))
+                const sleep = Math.min(Duration.toMillis(result.leaseRemaining), deadline - now)
+                return Effect.as(restore(Effect.raceFirst(changed, Effect.sleep(sleep))), Option.none())
+              })
           )
+        ).pipe(Effect.flatMap(Option.match({ onNone: () => waitForStore, onSome: Effect.succeed })))
+      )
 
-        // Waits for the run, renewing the lease every third of it. A renewal that finds the lease
-        // gone, or storage failures lasting a whole lease, end the run: someone else may own the
-        // key by then. A storage that cannot renew holds the lease for its first term only.
-        const supervise = (
-          run: Fiber.RuntimeFiber<A, E>,
-          lease: Storage.Lease,
-          flight: LocalFlights.Flight,
-          acquiredAt: number
-        ): Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> => {
-          const lost = Effect.zipRight(
-            Effect.uninterruptible(Fiber.interrupt(run)),
-            Effect.failSync(() => new IdempotencyLeaseLost({ key, fence: lease.fence }))
-          )
-          if (!storage.capabilities.renewal) {
-            return Effect.flatMap(
-              awaitRun(clock, run, leaseMillis),
-              (exit) => exit === undefined ? lost : Effect.succeed(exit)
-            )
-          }
-          let lastRenewed = acquiredAt
-          // A slow renewal must not hold back a run that has ended: the two race, on renewal ticks only.
-          const renewOrEnd = Effect.raceFirst(
-            Effect.either(Effect.suspend(() => storage.renew(lease, settings.lease))),
-            Fiber.await(run)
-          )
-          const renew: Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> = Effect.flatMap(
-            renewOrEnd,
-            (renewed) => {
-              if (Exit.isExit(renewed)) return Effect.succeed(renewed)
-              const now = clock.unsafeCurrentTimeMillis()
-              if (Either.isRight(renewed)) {
-                if (!renewed.right) return lost
-                lastRenewed = now
-                flight.leaseExpiresAt = now + leaseMillis
-                return loop
-              }
-              if (now - lastRenewed >= leaseMillis) return lost
-              return Effect.zipRight(
-                Effect.logWarning("idempotency lease renewal failed; retrying").pipe(
-                  Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: renewed.left.message })
-                ),
-                loop
+      const awaitLocalRun = (flight: LocalFlights.Flight) => {
+        const now = clock.unsafeCurrentTimeMillis()
+        if (now >= deadline) return inFlight(flight.leaseExpiresAt - now)
+        return Effect.flatMap(
+          restore(Effect.timeoutOption(LocalFlights.awaitSettled(flight), deadline - now)),
+          Option.match({
+            onNone: () => inFlight(flight.leaseExpiresAt - clock.unsafeCurrentTimeMillis()),
+            onSome: (settlement) =>
+              settlement._tag === "Completed" ? restore(replay(settlement.record)) : Effect.flatMap(acquire, step)
+          })
+        )
+      }
+
+      // The run gets a fiber of its own, so that a lost lease can interrupt it without
+      // interrupting the caller; this fiber supervises it and renews the lease meanwhile.
+      const execute = (lease: Storage.Lease, flight: LocalFlights.Flight) =>
+        Effect.suspend(() => {
+          const acquiredAt = clock.unsafeCurrentTimeMillis()
+          flight.leaseExpiresAt = acquiredAt + leaseMillis
+          const runToEnd: Effect.Effect<RunExit<A, E>, never, Exclude<R, Execution>> = Effect.flatMap(
+            Effect.fork(withExecution(self, { key, fence: lease.fence }, restore)),
+            (run) =>
+              Effect.flatMap(
+                Effect.exit(restore(supervise(run, lease, flight, acquiredAt))),
+                (outer) =>
+                  Exit.isFailure(outer) && Option.isNone(Cause.failureOption(outer.cause))
+                    // The caller was interrupted: the run goes with it.
+                    ? Effect.as(Fiber.interrupt(run), outer)
+                    // Like a join: what the run set in FiberRefs (log annotations, say) carries on.
+                    : Effect.as(Fiber.inheritAll(run), outer)
               )
-            }
           )
-          const loop: Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> = Effect.flatMap(
-            awaitRun(clock, run, leaseMillis / 3),
-            (exit) => exit === undefined ? renew : Effect.succeed(exit)
+          return Effect.zipRight(
+            noteOutcome(counters, settings.span, "executed"),
+            storage.transaction !== undefined && settings.transactional
+              ? inTransaction(storage.transaction, runToEnd, lease, flight)
+              : Effect.flatMap(runToEnd, (outer) => finish(lease, flight, outer))
           )
-          return loop
-        }
-
-        const releaseKey = (lease: Storage.Lease, flight: LocalFlights.Flight) =>
-          storage.release(lease).pipe(
-            Effect.catchAll((error) =>
-              Effect.logWarning("idempotency release failed; the key frees when its lease ends").pipe(
-                Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: error.message })
-              )
-            ),
-            Effect.zipRight(Metric.increment(counters.releases)),
-            Effect.ensuring(Effect.sync(() => LocalFlights.settle(storage, flight, LocalFlights.released)))
-          )
-
-        // A commit that failed (a dropped connection, a timeout) is tried again while the lease
-        // still holds: no one else can take the key until then, and commits are idempotent for
-        // their token, so one that landed but lost its reply is answered as done. Giving up early
-        // would let a waiting duplicate run the effect a second time once the lease ends.
-        const commitWithinLease = (
-          lease: Storage.Lease,
-          flight: LocalFlights.Flight,
-          request: Storage.CommitRequest
-        ): Effect.Effect<boolean, IdempotencyStorageError> => {
-          const attempt = (delayMillis: number): Effect.Effect<boolean, IdempotencyStorageError> =>
-            Effect.catchAll(
-              storage.commit(lease, request),
-              (error) =>
-                clock.unsafeCurrentTimeMillis() + delayMillis >= flight.leaseExpiresAt
-                  ? Effect.fail(error)
-                  : Effect.zipRight(Effect.sleep(delayMillis), attempt(Math.min(delayMillis * 2, 1000)))
-            )
-          return attempt(25)
-        }
-
-        // What local duplicates replay: the record as the store keeps it.
-        const recordOf = (
-          lease: Storage.Lease,
-          outcome: IdempotencyRecord["outcome"],
-          payload: Uint8Array,
-          now: number
-        ): IdempotencyRecord => ({
-          key,
-          fingerprint,
-          outcome,
-          payload,
-          fence: lease.fence,
-          createdAt: now,
-          expiresAt: now + Duration.toMillis(settings.ttl)
         })
 
-        const store = (
-          lease: Storage.Lease,
-          flight: LocalFlights.Flight,
-          outcome: IdempotencyRecord["outcome"],
-          payload: Uint8Array
-        ): Effect.Effect<void, IdempotencyLeaseLost> => {
-          const record = recordOf(lease, outcome, payload, clock.unsafeCurrentTimeMillis())
-          return commitWithinLease(lease, flight, { outcome, payload, ttl: settings.ttl }).pipe(
-            Effect.matchEffect({
-              onSuccess: (committed) => {
-                if (committed) {
-                  LocalFlights.settle(storage, flight, { _tag: "Completed", record })
-                  return Effect.void
-                }
-                LocalFlights.settle(storage, flight, LocalFlights.released)
-                return Effect.zipRight(
-                  noteOutcome(counters, settings.span, "lease_lost"),
-                  Effect.fail(new IdempotencyLeaseLost({ key, fence: lease.fence }))
-                )
-              },
-              // The run happened and its caller gets its result; local duplicates get it too. The
-              // store did not keep it, so a retry after the lease ends would run again: say so loudly.
-              onFailure: (error) => {
-                LocalFlights.settle(storage, flight, { _tag: "Completed", record })
-                return Effect.zipRight(
-                  Metric.increment(counters.commitFailures),
-                  Effect.logError("idempotency commit failed; the result was returned but not stored").pipe(
-                    Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: error.message })
+      // The run and the commit of its success share one storage transaction, so the caller's own
+      // writes through the same client land with the stored result or not at all. Any other end
+      // rolls the transaction back and is then handled as usual: a typed failure is stored
+      // outside it, anything else releases the key.
+      const inTransaction = (
+        transaction: NonNullable<Storage.StorageService["transaction"]>,
+        runToEnd: Effect.Effect<RunExit<A, E>, never, Exclude<R, Execution>>,
+        lease: Storage.Lease,
+        flight: LocalFlights.Flight
+      ) =>
+        Effect.flatMap(
+          Effect.exit(transaction(Effect.flatMap(runToEnd, (outer) => {
+            if (Exit.isFailure(outer) || Exit.isFailure(outer.value)) return Effect.fail(new RollBack(outer))
+            const value = outer.value.value
+            const payload = codec.encodeSuccess(value)
+            if (Either.isLeft(payload)) return Effect.fail(new RollBack(outer))
+            const record = recordOf(lease, "success", payload.right, clock.unsafeCurrentTimeMillis())
+            return Effect.flatMap(
+              storage.commit(lease, { outcome: "success", payload: payload.right, ttl: settings.ttl }),
+              (committed) =>
+                committed
+                  ? Effect.succeed({ value, record })
+                  : Effect.fail(
+                    new RollBack<A, E>(Exit.fail(new IdempotencyLeaseLost({ key, fence: lease.fence })))
                   )
-                )
-              }
-            })
+            )
+          }))),
+          (exit): Effect.Effect<A, E | IdempotencyError> => {
+            if (Exit.isSuccess(exit)) {
+              LocalFlights.settle(storage, flight, { _tag: "Completed", record: exit.value.record })
+              return Effect.succeed(exit.value.value)
+            }
+            const failure = Cause.failureOption(exit.cause)
+            if (Option.isSome(failure) && failure.value instanceof RollBack) {
+              return finish(lease, flight, failure.value.outer)
+            }
+            // The transaction itself failed (begin, the commit statement, or COMMIT): nothing the
+            // run wrote was kept, so neither is the key.
+            return Effect.zipRight(
+              releaseKey(lease, flight),
+              Effect.failCause(exit.cause as Cause.Cause<IdempotencyStorageError>)
+            )
+          }
+        )
+
+      // Waits for the run, renewing the lease every third of it. A renewal that finds the lease
+      // gone, or storage failures lasting a whole lease, end the run: someone else may own the
+      // key by then. A storage that cannot renew holds the lease for its first term only.
+      const supervise = (
+        run: Fiber.RuntimeFiber<A, E>,
+        lease: Storage.Lease,
+        flight: LocalFlights.Flight,
+        acquiredAt: number
+      ): Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> => {
+        const lost = Effect.zipRight(
+          Effect.uninterruptible(Fiber.interrupt(run)),
+          Effect.failSync(() => new IdempotencyLeaseLost({ key, fence: lease.fence }))
+        )
+        if (!storage.capabilities.renewal) {
+          return Effect.flatMap(
+            awaitRun(clock, run, leaseMillis),
+            (exit) => exit === undefined ? lost : Effect.succeed(exit)
           )
         }
-
-        const finish = (
-          lease: Storage.Lease,
-          flight: LocalFlights.Flight,
-          outer: RunExit<A, E>
-        ): Effect.Effect<A, E | IdempotencyError> => {
-          if (Exit.isFailure(outer)) {
-            const lost = Cause.failureOption(outer.cause)
-            if (Option.isSome(lost)) {
-              LocalFlights.settle(storage, flight, LocalFlights.released)
-              return Effect.zipRight(noteOutcome(counters, settings.span, "lease_lost"), Effect.fail(lost.value))
+        let lastRenewed = acquiredAt
+        // A slow renewal must not hold back a run that has ended: the two race, on renewal ticks only.
+        const renewOrEnd = Effect.raceFirst(
+          Effect.either(Effect.suspend(() => storage.renew(lease, settings.lease))),
+          Fiber.await(run)
+        )
+        const renew: Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> = Effect.flatMap(
+          renewOrEnd,
+          (renewed) => {
+            if (Exit.isExit(renewed)) return Effect.succeed(renewed)
+            const now = clock.unsafeCurrentTimeMillis()
+            if (Either.isRight(renewed)) {
+              if (!renewed.right) return lost
+              lastRenewed = now
+              flight.leaseExpiresAt = now + leaseMillis
+              return loop
             }
-            return Effect.zipRight(releaseKey(lease, flight), Effect.failCause(outer.cause))
+            if (now - lastRenewed >= leaseMillis) return lost
+            return Effect.zipRight(
+              Effect.logWarning("idempotency lease renewal failed; retrying").pipe(
+                Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: renewed.left.message })
+              ),
+              loop
+            )
           }
-          const exit = outer.value
-          if (Exit.isSuccess(exit)) {
-            const payload = codec.encodeSuccess(exit.value)
-            if (Either.isLeft(payload)) {
+        )
+        const loop: Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> = Effect.flatMap(
+          awaitRun(clock, run, leaseMillis / 3),
+          (exit) => exit === undefined ? renew : Effect.succeed(exit)
+        )
+        return loop
+      }
+
+      const releaseKey = (lease: Storage.Lease, flight: LocalFlights.Flight) =>
+        storage.release(lease).pipe(
+          Effect.catchAll((error) =>
+            Effect.logWarning("idempotency release failed; the key frees when its lease ends").pipe(
+              Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: error.message })
+            )
+          ),
+          Effect.zipRight(Metric.increment(counters.releases)),
+          Effect.ensuring(Effect.sync(() => LocalFlights.settle(storage, flight, LocalFlights.released)))
+        )
+
+      // A commit that failed (a dropped connection, a timeout) is tried again while the lease
+      // still holds: no one else can take the key until then, and commits are idempotent for
+      // their token, so one that landed but lost its reply is answered as done. Giving up early
+      // would let a waiting duplicate run the effect a second time once the lease ends.
+      const commitWithinLease = (
+        lease: Storage.Lease,
+        flight: LocalFlights.Flight,
+        request: Storage.CommitRequest
+      ): Effect.Effect<boolean, IdempotencyStorageError> => {
+        const attempt = (delayMillis: number): Effect.Effect<boolean, IdempotencyStorageError> =>
+          Effect.catchAll(
+            storage.commit(lease, request),
+            (error) =>
+              clock.unsafeCurrentTimeMillis() + delayMillis >= flight.leaseExpiresAt
+                ? Effect.fail(error)
+                : Effect.zipRight(Effect.sleep(delayMillis), attempt(Math.min(delayMillis * 2, 1000)))
+          )
+        return attempt(25)
+      }
+
+      // What local duplicates replay: the record as the store keeps it.
+      const recordOf = (
+        lease: Storage.Lease,
+        outcome: IdempotencyRecord["outcome"],
+        payload: Uint8Array,
+        now: number
+      ): IdempotencyRecord => ({
+        key,
+        fingerprint,
+        outcome,
+        payload,
+        fence: lease.fence,
+        createdAt: now,
+        expiresAt: now + Duration.toMillis(settings.ttl)
+      })
+
+      const store = (
+        lease: Storage.Lease,
+        flight: LocalFlights.Flight,
+        outcome: IdempotencyRecord["outcome"],
+        payload: Uint8Array
+      ): Effect.Effect<void, IdempotencyLeaseLost> => {
+        const record = recordOf(lease, outcome, payload, clock.unsafeCurrentTimeMillis())
+        return commitWithinLease(lease, flight, { outcome, payload, ttl: settings.ttl }).pipe(
+          Effect.matchEffect({
+            onSuccess: (committed) => {
+              if (committed) {
+                LocalFlights.settle(storage, flight, { _tag: "Completed", record })
+                return Effect.void
+              }
+              LocalFlights.settle(storage, flight, LocalFlights.released)
               return Effect.zipRight(
-                releaseKey(lease, flight),
-                Effect.fail(new IdempotencyStorageError({ key, operation: "encode", cause: payload.left }))
+                noteOutcome(counters, settings.span, "lease_lost"),
+                Effect.fail(new IdempotencyLeaseLost({ key, fence: lease.fence }))
+              )
+            },
+            // The run happened and its caller gets its result; local duplicates get it too. The
+            // store did not keep it, so a retry after the lease ends would run again: say so loudly.
+            onFailure: (error) => {
+              LocalFlights.settle(storage, flight, { _tag: "Completed", record })
+              return Effect.zipRight(
+                Metric.increment(counters.commitFailures),
+                Effect.logError("idempotency commit failed; the result was returned but not stored").pipe(
+                  Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: error.message })
+                )
               )
             }
-            return Effect.as(store(lease, flight, "success", payload.right), exit.value)
-          }
-          const failure = Cause.isFailType(exit.cause) ? Option.some(exit.cause.error) : Option.none()
-          const payload = Option.flatMap(failure, codec.encodeFailure)
-          if (Option.isNone(payload)) return Effect.zipRight(releaseKey(lease, flight), exit)
-          return Effect.zipRight(store(lease, flight, "failure", payload.value), exit)
-        }
+          })
+        )
+      }
 
-        return Effect.flatMap(acquire, step)
-      })
+      const finish = (
+        lease: Storage.Lease,
+        flight: LocalFlights.Flight,
+        outer: RunExit<A, E>
+      ): Effect.Effect<A, E | IdempotencyError> => {
+        if (Exit.isFailure(outer)) {
+          const lost = Cause.failureOption(outer.cause)
+          if (Option.isSome(lost)) {
+            LocalFlights.settle(storage, flight, LocalFlights.released)
+            return Effect.zipRight(noteOutcome(counters, settings.span, "lease_lost"), Effect.fail(lost.value))
+          }
+          return Effect.zipRight(releaseKey(lease, flight), Effect.failCause(outer.cause))
+        }
+        const exit = outer.value
+        if (Exit.isSuccess(exit)) {
+          const payload = codec.encodeSuccess(exit.value)
+          if (Either.isLeft(payload)) {
+            return Effect.zipRight(
+              releaseKey(lease, flight),
+              Effect.fail(new IdempotencyStorageError({ key, operation: "encode", cause: payload.left }))
+            )
+          }
+          return Effect.as(store(lease, flight, "success", payload.right), exit.value)
+        }
+        const failure = Cause.isFailType(exit.cause) ? Option.some(exit.cause.error) : Option.none()
+        const payload = Option.flatMap(failure, codec.encodeFailure)
+        if (Option.isNone(payload)) return Effect.zipRight(releaseKey(lease, flight), exit)
+        return Effect.zipRight(store(lease, flight, "failure", payload.value), exit)
+      }
+
+      return Effect.flatMap(acquire, step)
     })
   })
