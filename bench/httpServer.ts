@@ -11,12 +11,12 @@
 import { HttpRouter, HttpServer } from "@effect/platform"
 import { NodeHttpServer, NodeRuntime } from "@effect/platform-node"
 import { Context, Effect, Layer, Redacted } from "effect"
+import { MemoryStorage } from "effect-idempotency"
+import * as IdempotencyMiddleware from "effect-idempotency/Http/IdempotencyMiddleware"
+import * as RedisStorage from "effect-idempotency/Storage/Redis"
 import { createServer } from "node:http"
 import { createOrder, stats } from "../examples/orders/Routes.js"
 import * as Shop from "../examples/orders/Shop.js"
-import * as IdempotencyMiddleware from "../src/Http/IdempotencyMiddleware.js"
-import { MemoryStorage } from "../src/index.js"
-import * as RedisStorage from "../src/Storage/Redis.js"
 
 const kind = process.argv[2]
 

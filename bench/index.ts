@@ -1,13 +1,15 @@
 /**
- * `npm run bench [suite...]`: runs the benchmark suites, all of them by default, or those named on
- * the command line or in BENCH_ONLY (comma separated). BENCH_ITERATIONS, BENCH_WARMUP and
- * BENCH_BATCHES set how hard each suite pushes (over each suite's own defaults); the `http` suite
- * (a real server under autocannon) has its own BENCH_HTTP_* variables instead. A backend adds its
- * suite to `suites`.
+ * `npm run bench [suite...]` builds the library, then runs the benchmark suites against the
+ * compiled dist/: all of them by default, or those named on the command line or in BENCH_ONLY
+ * (comma separated). BENCH_ITERATIONS, BENCH_WARMUP and BENCH_BATCHES set how hard each suite
+ * pushes (over each suite's own defaults); the `http` suite (a real server under autocannon) has
+ * its own BENCH_HTTP_* variables instead. A backend adds its suite to `suites`.
  *
  * A suite that fails (a service it needs is unreachable, an invariant broke) is reported and the
  * run goes on with the next one; the exit code is then 1.
  */
+import { relative, sep } from "node:path"
+import { fileURLToPath } from "node:url"
 import type { BenchConfig, Suite } from "./harness.js"
 import * as Http from "./http.js"
 import * as Memory from "./memory.js"
@@ -41,7 +43,16 @@ const main = async () => {
     throw new Error(`unknown suite(s): ${unknown.join(", ")}; known: ${suites.map((suite) => suite.name).join(", ")}`)
   }
   const selected = wanted.length === 0 ? suites : suites.filter((suite) => wanted.includes(suite.name))
-  console.log(`node ${process.version}, ${process.platform}/${process.arch}`)
+  // The compiled library, as users run it (see tsconfig.bench.json): tsx's transform of the
+  // sources wraps each function the library creates per call in a naming helper, which would
+  // add its own cost to every figure.
+  const library = fileURLToPath(import.meta.resolve("effect-idempotency"))
+  if (!library.includes(`${sep}dist${sep}`)) {
+    throw new Error(`effect-idempotency resolves to ${library}, not to dist/: run the bench with \`npm run bench\``)
+  }
+  console.log(
+    `node ${process.version}, ${process.platform}/${process.arch}; library ${relative(process.cwd(), library)}`
+  )
   const failed: Array<string> = []
   for (const suite of selected) {
     const started = performance.now()

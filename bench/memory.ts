@@ -4,7 +4,7 @@
  * metrics) and not I/O.
  */
 import { Array, Effect, ManagedRuntime, Schema } from "effect"
-import { Idempotent, MemoryStorage } from "../src/index.js"
+import { Idempotent, MemoryStorage } from "effect-idempotency"
 import { type BenchConfig, invariant, measure, measureBatches, printTable, type Suite } from "./harness.js"
 
 const OrderSchema = Schema.Struct({ id: Schema.String, total: Schema.Number })

@@ -20,10 +20,10 @@ import { IdempotencyConfig, makeIdempotent } from "@aws-lambda-powertools/idempo
 import { CachePersistenceLayer } from "@aws-lambda-powertools/idempotency/cache"
 import { createClient } from "@redis/client"
 import { Effect, ManagedRuntime, Schema } from "effect"
+import { Idempotent } from "effect-idempotency"
+import * as RedisStorage from "effect-idempotency/Storage/Redis"
 import { Redis } from "ioredis"
 import { readFileSync } from "node:fs"
-import { Idempotent } from "../src/index.js"
-import * as RedisStorage from "../src/Storage/Redis.js"
 import {
   type BenchConfig,
   type Case,

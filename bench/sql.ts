@@ -17,11 +17,11 @@ import { SqlClient } from "@effect/sql"
 import { PgClient } from "@effect/sql-pg"
 import { SqliteClient } from "@effect/sql-sqlite-node"
 import { Cause, Effect, Layer, ManagedRuntime, Redacted, Runtime } from "effect"
+import { Idempotent } from "effect-idempotency"
+import * as SqlStorage from "effect-idempotency/Storage/Sql"
 import { mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
-import { Idempotent } from "../src/index.js"
-import * as SqlStorage from "../src/Storage/Sql.js"
 import {
   type BenchConfig,
   type Case,
