@@ -1,5 +1,5 @@
 import * as Either from "effect/Either"
-import { createHash } from "node:crypto"
+import * as crypto from "node:crypto"
 
 /** The fingerprint of a call that gave none. */
 export const none = ""
@@ -71,8 +71,15 @@ export const canonicalJson = (value: unknown): string => {
   return encode(value, "fingerprint")
 }
 
-/** SHA-256 (hex) of a string. */
-export const sha256 = (input: string | Uint8Array): string => createHash("sha256").update(input).digest("hex")
+// `crypto.hash` (Node 20.12 and later) hashes in one call, about three times faster than a Hash
+// object for short inputs such as keys; earlier Node 20 releases have only `createHash`.
+const hashOnce = typeof crypto.hash === "function" ? crypto.hash : undefined
+
+/** SHA-256 (hex) of a string or bytes. */
+export const sha256 = (input: string | Uint8Array): string =>
+  hashOnce !== undefined
+    ? hashOnce("sha256", input, "hex")
+    : crypto.createHash("sha256").update(input).digest("hex")
 
 /**
  * The stored fingerprint of a value: SHA-256 of its canonical JSON, or {@link none} when absent.
