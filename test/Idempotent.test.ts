@@ -423,6 +423,30 @@ describe("Idempotent.wrap", () => {
         assert.strictEqual(runs, 1)
       }).pipe(Effect.provide(countingLayer())))
 
+    // On the live clock a local waiter is a timer and a listener on the run, not a forked race:
+    // the same outcomes on real time.
+    it.live("on the live clock, local waiters are woken by the run's end, or fail at their deadline", () =>
+      Effect.gen(function*() {
+        let runs = 0
+        const gate = yield* Deferred.make<void>()
+        const call = (onInFlight: { readonly wait: Duration.DurationInput }) =>
+          Deferred.await(gate).pipe(
+            Effect.zipRight(Effect.sync(() => ++runs)),
+            Idempotent.wrap({ key: "wait-live", onInFlight })
+          )
+        const first = yield* Effect.fork(call(wait))
+        yield* Effect.sleep("20 millis")
+        const patient = yield* Effect.fork(call(wait))
+        const hasty = yield* Effect.fork(call({ wait: "50 millis" }))
+        const hastyExit = yield* Fiber.await(hasty)
+        failsWith(hastyExit, IdempotencyInFlight)
+        assert.isUndefined(yield* poll(patient))
+        yield* Deferred.succeed(gate, undefined)
+        assert.strictEqual(yield* Fiber.join(first), 1)
+        assert.strictEqual(yield* Fiber.join(patient), 1)
+        assert.strictEqual(runs, 1)
+      }).pipe(Effect.provide(countingLayer())))
+
     it.effect("if the first run releases the key, a waiter runs the effect itself", () =>
       Effect.gen(function*() {
         let runs = 0

@@ -1,7 +1,6 @@
 import * as Cause from "effect/Cause"
 import * as Clock from "effect/Clock"
 import * as Context from "effect/Context"
-import * as DefaultServices from "effect/DefaultServices"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
@@ -25,6 +24,7 @@ import { keyHash } from "./fingerprint.js"
 import * as LocalFlights from "./localFlights.js"
 import * as metrics from "./metrics.js"
 import type { ResultCodec } from "./resultCodec.js"
+import * as wait from "./wait.js"
 
 /**
  * What the wrapped effect can read about its own run.
@@ -84,42 +84,16 @@ const noteOutcome = (counters: metrics.BackendCounters, span: Tracer.Span | unde
     : Effect.zipRight(Effect.sync(() => span.attribute("idempotency.outcome", outcome)), counted)
 }
 
-const liveClock = Context.get(DefaultServices.liveServices, Clock.Clock)
-
-/**
- * The run's exit, or `undefined` once `millis` pass first. On the live clock this is one timer
- * and an observer on the fiber; forking a sleeper to race it would cost more than the rest of a
- * first call. Any other clock (`TestClock`) gets the same race in plain Effect.
- */
+/** The run's exit, or `undefined` once `millis` pass first. */
 const awaitRun = <A, E>(
   clock: Clock.Clock,
   run: Fiber.RuntimeFiber<A, E>,
   millis: number
-): Effect.Effect<Exit.Exit<A, E> | undefined> => {
-  if (clock !== liveClock) {
-    return Effect.raceFirst(Fiber.await(run), Effect.as(Effect.sleep(millis), undefined))
-  }
-  return Effect.async<Exit.Exit<A, E> | undefined>((resume) => {
-    // setTimeout fires at once past 2^31 - 1 millis: a longer wait has no timer, only the observer.
-    const timer = millis <= 2 ** 31 - 1
-      ? setTimeout(() => {
-        run.removeObserver(onExit)
-        resume(Effect.succeed(undefined))
-      }, millis)
-      : undefined
-    // The run may outlive a waiter that is interrupted (the caller went away and interrupts the
-    // run next); its timer must not keep the process alive meanwhile.
-    timer?.unref()
-    const onExit = (exit: Exit.Exit<A, E>) => {
-      clearTimeout(timer)
-      resume(Effect.succeed(exit))
-    }
-    run.addObserver(onExit)
-    // No canceler: one would wrap every wait in an interruption handler. An interrupted waiter's
-    // observer and timer fire once the run ends (its caller interrupts it at once) or the timer
-    // does, and resume nothing.
+): Effect.Effect<Exit.Exit<A, E> | undefined> =>
+  wait.within(clock, millis, (done: (exit: Exit.Exit<A, E>) => void) => {
+    run.addObserver(done)
+    return () => run.removeObserver(done)
   })
-}
 
 /**
  * `self` with `Execution` in its context, for a fiber of its own that starts uninterruptible;
@@ -251,12 +225,15 @@ export const run = <A, E, R>(
         const now = clock.unsafeCurrentTimeMillis()
         if (now >= deadline) return inFlight(flight.leaseExpiresAt - now)
         return Effect.flatMap(
-          restore(Effect.timeoutOption(LocalFlights.awaitSettled(flight), deadline - now)),
-          Option.match({
-            onNone: () => inFlight(flight.leaseExpiresAt - clock.unsafeCurrentTimeMillis()),
-            onSome: (settlement) =>
-              settlement._tag === "Completed" ? restore(replay(settlement.record)) : Effect.flatMap(acquire, step)
-          })
+          restore(wait.within(
+            clock,
+            deadline - now,
+            (done: (settlement: LocalFlights.Settlement) => void) => LocalFlights.listenSettled(flight, done)
+          )),
+          (settlement) => {
+            if (settlement === undefined) return inFlight(flight.leaseExpiresAt - clock.unsafeCurrentTimeMillis())
+            return settlement._tag === "Completed" ? restore(replay(settlement.record)) : Effect.flatMap(acquire, step)
+          }
         )
       }
 

@@ -25,7 +25,7 @@ export interface Flight {
   settled: Settlement | undefined
   // Made only when a duplicate arrives in time to wait: most calls have none, and each costs.
   acquiredSignal: Deferred.Deferred<Storage.AcquireResult, IdempotencyStorageError> | undefined
-  settledSignal: Deferred.Deferred<Settlement> | undefined
+  settledListeners: Set<(settlement: Settlement) => void> | undefined
   /** Epoch millis when the local holder's lease ends; moved on by each renewal. */
   leaseExpiresAt: number
 }
@@ -88,7 +88,7 @@ export const acquire = (
       acquired: undefined,
       settled: undefined,
       acquiredSignal: undefined,
-      settledSignal: undefined,
+      settledListeners: undefined,
       leaseExpiresAt: 0
     }
     flights.set(request.key, flight)
@@ -102,14 +102,19 @@ export const acquire = (
   })
 
 /**
- * Waits for the local run of a flight to end.
+ * Calls `listener` when the local run of a flight ends (at once if it has), and returns what
+ * stops listening.
  *
  * @internal
  */
-export const awaitSettled = (flight: Flight): Effect.Effect<Settlement> => {
-  if (flight.settled !== undefined) return Effect.succeed(flight.settled)
-  flight.settledSignal ??= Deferred.unsafeMake(FiberId.none)
-  return Deferred.await(flight.settledSignal)
+export const listenSettled = (flight: Flight, listener: (settlement: Settlement) => void): () => void => {
+  if (flight.settled !== undefined) {
+    listener(flight.settled)
+    return () => {}
+  }
+  const listeners = flight.settledListeners ??= new Set()
+  listeners.add(listener)
+  return () => listeners.delete(listener)
 }
 
 /**
@@ -122,5 +127,7 @@ export const settle = (storage: Storage.StorageService, flight: Flight, settleme
   if (flights !== undefined) remove(flights, flight)
   if (flight.settled !== undefined) return
   flight.settled = settlement
-  if (flight.settledSignal !== undefined) Deferred.unsafeDone(flight.settledSignal, Exit.succeed(settlement))
+  const listeners = flight.settledListeners
+  flight.settledListeners = undefined
+  listeners?.forEach((listener) => listener(settlement))
 }
