@@ -13,7 +13,7 @@
  * runs its body once and a replay does not run it. The bench table is unique to the run and
  * dropped at the end (also when the run fails); the SQLite file's directory is removed.
  */
-import { SqlClient } from "@effect/sql"
+import { SqlClient, type SqlError } from "@effect/sql"
 import { PgClient } from "@effect/sql-pg"
 import { SqliteClient } from "@effect/sql-sqlite-node"
 import { Cause, Effect, Layer, ManagedRuntime, Redacted, Runtime } from "effect"
@@ -183,8 +183,15 @@ const runTarget = async (target: Target, config: BenchConfig): Promise<Array<Sta
       // The storage first (its cleanup fiber and, on PostgreSQL, its listener), then the table.
       await disposeStorage?.()
       if (tableMayExist) {
+        // And on PostgreSQL the functions the storage made with the table.
         await clientRuntime.runPromise(
-          Effect.flatMap(SqlClient.SqlClient, (sql) => sql`DROP TABLE IF EXISTS ${sql(table)}`)
+          Effect.flatMap(SqlClient.SqlClient, (sql) => {
+            const dropFunctions: Effect.Effect<unknown, SqlError.SqlError> = sql.onDialectOrElse({
+              pg: () => sql`DROP FUNCTION IF EXISTS ${sql(`${table}_acquire_v1`)}, ${sql(`${table}_commit_v1`)}`,
+              orElse: () => Effect.void
+            })
+            return Effect.zipRight(sql`DROP TABLE IF EXISTS ${sql(table)}`, dropFunctions)
+          })
         )
         console.log(`${target.name}: dropped table ${table}`)
       }

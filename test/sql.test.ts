@@ -35,6 +35,7 @@ import { join } from "node:path"
 import { IdempotencyError, Idempotent, Storage } from "../src/index.js"
 import * as SqlStorage from "../src/Storage/Sql.js"
 import { failsWith } from "./fixtures/Exits.js"
+import { dropTable, postgresFunctions } from "./fixtures/sqlClients.js"
 
 const { IdempotencyStorageError } = IdempotencyError
 
@@ -98,10 +99,7 @@ const tableFor = (label: string) => {
 }
 
 afterAll(async () => {
-  const drop = Effect.flatMap(
-    SqlClient.SqlClient,
-    (sql) => Effect.forEach(tables, (name) => sql`DROP TABLE IF EXISTS ${sql(name)}`, { discard: true })
-  )
+  const drop = Effect.forEach(tables, dropTable, { discard: true })
   try {
     await Effect.runPromise(Effect.provide(drop, pgClient()))
     await Effect.runPromise(Effect.provide(drop, mysqlClient()))
@@ -296,6 +294,19 @@ const columnTypes = (c: Case, name: string) =>
     }
   })
 
+/** PostgreSQL: the bodies of the storage's functions for `name`, by function name. */
+const functionSources = (name: string) =>
+  Effect.flatMap(SqlClient.SqlClient, (sql) => {
+    const functions = postgresFunctions(name)
+    return Effect.map(
+      sql<{ readonly name: string; readonly source: string }>`
+        SELECT proname AS name, prosrc AS source FROM pg_proc
+        WHERE proname IN (${functions.acquire}, ${functions.commit})
+      `,
+      (rows): Record<string, string> => Object.fromEntries(rows.map((row) => [row.name, row.source]))
+    )
+  })
+
 const primaryKey = (c: Case, name: string) =>
   Effect.flatMap(SqlClient.SqlClient, (sql) => {
     switch (c.dialect) {
@@ -384,7 +395,8 @@ const expectedStatements: Record<
   Case["dialect"],
   { readonly first: ReadonlyArray<string>; readonly replay: ReadonlyArray<string> }
 > = {
-  pg: { first: ["WITH", "WITH"], replay: ["WITH"] },
+  // PostgreSQL: acquire and commit are calls of the storage's functions.
+  pg: { first: ["SELECT", "SELECT"], replay: ["SELECT"] },
   mysql: { first: ["INSERT", "SELECT", "UPDATE"], replay: ["INSERT", "SELECT"] },
   sqlite: { first: ["INSERT", "UPDATE"], replay: ["INSERT"] }
 }
@@ -467,11 +479,18 @@ for (const c of cases) {
             assert.deepStrictEqual(first.queries.map(firstWord), expected.first, first.queries.join("\n---\n"))
             assert.deepStrictEqual(replay.queries.map(firstWord), expected.replay, replay.queries.join("\n---\n"))
             // The acquire decides in the statement itself: insert, or update the row it found.
-            assert.match(first.queries[0]!, c.dialect === "mysql" ? /ON DUPLICATE KEY UPDATE/ : /ON CONFLICT/)
             if (c.dialect === "pg") {
-              assert.match(first.queries[1]!, /UPDATE[\s\S]*pg_notify/)
+              const functions = postgresFunctions(table)
+              assert.include(first.queries[0]!, `"${functions.acquire}"(`)
+              assert.include(first.queries[1]!, `"${functions.commit}"(`)
+              assert.include(replay.queries[0]!, `"${functions.acquire}"(`)
+              const sources = yield* functionSources(table)
+              assert.match(sources[functions.acquire]!, /ON CONFLICT/)
               // A replay is answered from the live row: the upsert part of the statement writes nothing.
-              assert.match(replay.queries[0]!, /WHERE NOT EXISTS \(SELECT 1 FROM live\)/)
+              assert.match(sources[functions.acquire]!, /WHERE NOT EXISTS \(SELECT 1 FROM live\)/)
+              assert.match(sources[functions.commit]!, /UPDATE[\s\S]*pg_notify/)
+            } else {
+              assert.match(first.queries[0]!, c.dialect === "mysql" ? /ON DUPLICATE KEY UPDATE/ : /ON CONFLICT/)
             }
           })
         ))

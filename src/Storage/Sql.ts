@@ -5,7 +5,8 @@
  * stored result in the same transaction as the application's own writes
  * (`Idempotent.wrap({ transactional: true })`).
  *
- * **One table**, created with its index if missing (default `idempotency_records`). A row per key:
+ * **One table**, created with its index if missing (default `idempotency_records`), and on
+ * PostgreSQL two functions that hold acquire and commit (see Statements). A row per key:
  *
  * | column            | PostgreSQL    | MySQL / MariaDB                   | SQLite    |
  * |-------------------|---------------|-----------------------------------|-----------|
@@ -39,7 +40,11 @@
  *   live in the statement's snapshot (a replay, a duplicate of a running call) is answered from it
  *   and nothing is written. Otherwise the upsert's update always runs, so it locks and returns the
  *   latest version of the row even when a concurrent winner committed it after the snapshot was
- *   taken (where `ON CONFLICT DO NOTHING` plus a read would see nothing).
+ *   taken (where `ON CONFLICT DO NOTHING` plus a read would see nothing). It runs inside the
+ *   PL/pgSQL function `<table>_acquire_v1`, and commit inside `<table>_commit_v1`, both created with
+ *   the table: PostgreSQL then keeps their plans per connection, where the statements sent as they
+ *   are would be parsed and planned on every call (about ten times the cost of a `SELECT 1`). The
+ *   call is still one statement.
  * - acquire on SQLite: the same upsert alone (one writer at a time makes it atomic).
  * - acquire on MySQL: the same with `ON DUPLICATE KEY UPDATE col = IF(<expired>, ...)`, then a
  *   `SELECT` of the row; the caller acquired only if the row then holds its token.
@@ -49,7 +54,8 @@
  *   was lost (a dropped connection) is answered as done; it owns nothing else.
  * - renew, commit, release: one `UPDATE ... WHERE token = ? AND state = 'in_flight' AND
  *   expires_at > now`. On PostgreSQL commit, release and delete also `pg_notify` in the same
- *   statement (`WITH done AS (UPDATE ... RETURNING key_hash) SELECT pg_notify(...) FROM done`).
+ *   statement (release and delete: `WITH done AS (UPDATE ... RETURNING key_hash) SELECT
+ *   pg_notify(...) FROM done`; commit: in its function, when the update found its row).
  * - read: one `SELECT` of a completed row that has not expired. delete: one `DELETE`.
  *
  * **Fences** are kept in the row: a new key starts from the database clock in microseconds and
@@ -105,6 +111,7 @@ import * as Stream from "effect/Stream"
 import { createHash } from "node:crypto"
 import { IdempotencyStorageError } from "../IdempotencyError.js"
 import type { IdempotencyRecord } from "../IdempotencyRecord.js"
+import * as wait from "../internal/wait.js"
 import * as Storage from "../Storage.js"
 
 /**
@@ -206,14 +213,107 @@ interface Dialect {
 /** Where waiters on PostgreSQL hear about changed keys: `<table>_changed`. */
 const channelOf = (table: string) => `${table}_changed`
 
+/**
+ * The PostgreSQL functions that hold acquire and commit: `<table>_acquire_v1` and
+ * `<table>_commit_v1`. A new signature gets a new version, since `CREATE OR REPLACE FUNCTION`
+ * cannot change one.
+ */
+const postgresFunctions = (table: string) => ({
+  acquire: `${table}_acquire_v1`,
+  commit: `${table}_commit_v1`
+})
+
+// The live row's columns as the storage reads them, times in epoch millis (`now` is the
+// database's clock when the statement ran).
+const postgresColumns = `token, state, idempotency_key, fingerprint, fence, outcome, payload,
+    floor(extract(epoch FROM created_at) * 1000)::float8 AS created_at,
+    floor(extract(epoch FROM expires_at) * 1000)::float8 AS expires_at,
+    floor(extract(epoch FROM clock_timestamp()) * 1000)::float8 AS now`
+
+/**
+ * Acquire and commit are long statements that PostgreSQL would parse and plan on every call (the
+ * client sends unnamed statements): about ten times the cost of a `SELECT 1`, more than the
+ * work itself. As PL/pgSQL functions their plans are kept per connection, and each protocol step
+ * is still one statement. `table` is a checked identifier, so it is quoted here as is.
+ */
+const postgresFunctionsDdl = (table: string): ReadonlyArray<string> => {
+  const t = `"${table}"`
+  const names = postgresFunctions(table)
+  return [
+    // One statement, two paths. A key that is live in the statement's snapshot (a lease or a
+    // record that has not expired) is answered from it, read only: a replay writes nothing.
+    // Anything else goes to the upsert, whose update always runs: when a concurrent winner
+    // committed the row after the snapshot was taken, the update waits for it and returns its
+    // latest version, where `DO NOTHING` would return nothing. The upsert reads the clock once
+    // (`clock.now`, then `excluded.created_at`), so every column decides on the same instant.
+    `CREATE OR REPLACE FUNCTION "${names.acquire}"(
+      p_hash bytea, p_key text, p_token text, p_fingerprint text, p_lease_millis float8
+    ) RETURNS TABLE (
+      token text, state text, idempotency_key text, fingerprint text, fence bigint, outcome text,
+      payload bytea, created_at float8, expires_at float8, now float8
+    ) LANGUAGE plpgsql VOLATILE AS $body$
+    #variable_conflict use_column
+    BEGIN
+      RETURN QUERY
+      WITH live AS (
+        SELECT ${postgresColumns} FROM ${t} WHERE key_hash = p_hash AND expires_at > clock_timestamp()
+      ),
+      taken AS (
+        INSERT INTO ${t} AS r
+          (key_hash, idempotency_key, state, token, fingerprint, fence, outcome, payload, created_at, expires_at)
+        SELECT p_hash, p_key, 'in_flight'::text, p_token, p_fingerprint,
+          floor(extract(epoch FROM clock.now) * 1000000)::bigint, NULL::text, NULL::bytea,
+          clock.now, clock.now + p_lease_millis * interval '1 millisecond'
+        FROM (SELECT clock_timestamp() AS now) AS clock
+        WHERE NOT EXISTS (SELECT 1 FROM live)
+        ON CONFLICT (key_hash) DO UPDATE SET
+          idempotency_key = CASE WHEN r.expires_at <= excluded.created_at
+            THEN excluded.idempotency_key ELSE r.idempotency_key END,
+          state = CASE WHEN r.expires_at <= excluded.created_at THEN excluded.state ELSE r.state END,
+          token = CASE WHEN r.expires_at <= excluded.created_at THEN excluded.token ELSE r.token END,
+          fingerprint = CASE WHEN r.expires_at <= excluded.created_at
+            THEN excluded.fingerprint ELSE r.fingerprint END,
+          fence = CASE WHEN r.expires_at <= excluded.created_at THEN r.fence + 1 ELSE r.fence END,
+          outcome = CASE WHEN r.expires_at <= excluded.created_at THEN NULL ELSE r.outcome END,
+          payload = CASE WHEN r.expires_at <= excluded.created_at THEN NULL ELSE r.payload END,
+          created_at = CASE WHEN r.expires_at <= excluded.created_at
+            THEN excluded.created_at ELSE r.created_at END,
+          expires_at = CASE WHEN r.expires_at <= excluded.created_at
+            THEN excluded.expires_at ELSE r.expires_at END
+        RETURNING ${postgresColumns}
+      )
+      SELECT * FROM live UNION ALL SELECT * FROM taken;
+    END
+    $body$`,
+    // The token stays on the completed row, so a commit retried after its reply was lost finds
+    // it and answers true again.
+    `CREATE OR REPLACE FUNCTION "${names.commit}"(
+      p_hash bytea, p_token text, p_outcome text, p_payload bytea, p_ttl_millis float8
+    ) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $body$
+    DECLARE
+      at timestamptz := clock_timestamp();
+      committed boolean;
+    BEGIN
+      UPDATE ${t} SET state = 'completed', outcome = p_outcome, payload = p_payload, created_at = at,
+        expires_at = at + p_ttl_millis * interval '1 millisecond'
+      WHERE key_hash = p_hash AND token = p_token
+        AND (state = 'completed' OR (state = 'in_flight' AND expires_at > at));
+      committed := FOUND;
+      IF committed THEN
+        PERFORM pg_notify('${channelOf(table)}', encode(p_hash, 'hex'));
+      END IF;
+      RETURN committed;
+    END
+    $body$`
+  ]
+}
+
 const postgres = (sql: SqlClient.SqlClient, table: string): Dialect => {
   const t = sql(table)
   const channel = channelOf(table)
+  const functions = postgresFunctions(table)
   // `clock_timestamp()`, not `now()`: inside a caller's transaction `now()` is when it began.
-  const columns = sql.literal(`token, state, idempotency_key, fingerprint, fence, outcome, payload,
-    floor(extract(epoch FROM created_at) * 1000)::float8 AS created_at,
-    floor(extract(epoch FROM expires_at) * 1000)::float8 AS expires_at,
-    floor(extract(epoch FROM clock_timestamp()) * 1000)::float8 AS now`)
+  const columns = sql.literal(postgresColumns)
 
   return {
     name: "pg",
@@ -233,46 +333,16 @@ const postgres = (sql: SqlClient.SqlClient, table: string): Dialect => {
         created_at timestamptz NOT NULL,
         expires_at timestamptz NOT NULL
       ) WITH (fillfactor = 90)`,
-      sql`CREATE INDEX IF NOT EXISTS ${sql(`${table}_expires_at_idx`)} ON ${t} (expires_at)`
+      sql`CREATE INDEX IF NOT EXISTS ${sql(`${table}_expires_at_idx`)} ON ${t} (expires_at)`,
+      ...postgresFunctionsDdl(table).map((ddl) => sql.unsafe(ddl))
     ], { discard: true })),
 
-    // One statement, two paths. A key that is live in the statement's snapshot (a lease or a
-    // record that has not expired) is answered from it, read only: a replay writes nothing. Anything
-    // else goes to the upsert, whose update always runs: when a concurrent winner committed the row
-    // after the snapshot was taken, the update waits for it and returns its latest version, where
-    // `DO NOTHING` would return nothing. The upsert reads the clock once (`clock.now`, then
-    // `excluded.created_at`), so every column decides on the same instant.
     acquire: ({ fingerprint, hash, key, leaseMillis, token }) =>
       Effect.map(
         sql<Row>`
-          WITH live AS (
-            SELECT ${columns} FROM ${t} WHERE key_hash = ${hash}::bytea AND expires_at > clock_timestamp()
-          ),
-          taken AS (
-            INSERT INTO ${t} AS r
-              (key_hash, idempotency_key, state, token, fingerprint, fence, outcome, payload, created_at, expires_at)
-            SELECT ${hash}::bytea, ${key}::text, 'in_flight'::text, ${token}::text, ${fingerprint}::text,
-              floor(extract(epoch FROM clock.now) * 1000000)::bigint, NULL::text, NULL::bytea,
-              clock.now, clock.now + ${leaseMillis}::float8 * interval '1 millisecond'
-            FROM (SELECT clock_timestamp() AS now) AS clock
-            WHERE NOT EXISTS (SELECT 1 FROM live)
-            ON CONFLICT (key_hash) DO UPDATE SET
-              idempotency_key = CASE WHEN r.expires_at <= excluded.created_at
-                THEN excluded.idempotency_key ELSE r.idempotency_key END,
-              state = CASE WHEN r.expires_at <= excluded.created_at THEN excluded.state ELSE r.state END,
-              token = CASE WHEN r.expires_at <= excluded.created_at THEN excluded.token ELSE r.token END,
-              fingerprint = CASE WHEN r.expires_at <= excluded.created_at
-                THEN excluded.fingerprint ELSE r.fingerprint END,
-              fence = CASE WHEN r.expires_at <= excluded.created_at THEN r.fence + 1 ELSE r.fence END,
-              outcome = CASE WHEN r.expires_at <= excluded.created_at THEN NULL ELSE r.outcome END,
-              payload = CASE WHEN r.expires_at <= excluded.created_at THEN NULL ELSE r.payload END,
-              created_at = CASE WHEN r.expires_at <= excluded.created_at
-                THEN excluded.created_at ELSE r.created_at END,
-              expires_at = CASE WHEN r.expires_at <= excluded.created_at
-                THEN excluded.expires_at ELSE r.expires_at END
-            RETURNING ${columns}
+          SELECT * FROM ${sql(functions.acquire)}(
+            ${hash}::bytea, ${key}::text, ${token}::text, ${fingerprint}::text, ${leaseMillis}::float8
           )
-          SELECT * FROM live UNION ALL SELECT * FROM taken
         `,
         (rows) => rows[0]
       ),
@@ -290,19 +360,12 @@ const postgres = (sql: SqlClient.SqlClient, table: string): Dialect => {
 
     commit: (hash, token, outcome, payload, ttlMillis) =>
       Effect.map(
-        sql`
-          WITH done AS (
-            UPDATE ${t} AS r SET state = 'completed', outcome = ${outcome}::text,
-              payload = ${payload}::bytea, created_at = clock.now,
-              expires_at = clock.now + ${ttlMillis}::float8 * interval '1 millisecond'
-            FROM (SELECT clock_timestamp() AS now) AS clock
-            WHERE r.key_hash = ${hash}::bytea AND r.token = ${token}::text
-              AND (r.state = 'completed' OR (r.state = 'in_flight' AND r.expires_at > clock.now))
-            RETURNING r.key_hash
-          )
-          SELECT pg_notify(${channel}::text, encode(key_hash, 'hex')) FROM done
+        sql<{ readonly committed: boolean }>`
+          SELECT ${sql(functions.commit)}(
+            ${hash}::bytea, ${token}::text, ${outcome}::text, ${payload}::bytea, ${ttlMillis}::float8
+          ) AS committed
         `,
-        (rows) => rows.length > 0
+        (rows) => rows[0]?.committed === true
       ),
 
     release: (hash, token) =>
@@ -646,6 +709,7 @@ export const make = (
     const cleanupBatchSize = options?.cleanupBatchSize ?? 1000
     const pollMillis = Math.max(1, Duration.toMillis(Duration.decode(options?.pollInterval ?? Duration.millis(25))))
     const timeout = Duration.decode(options?.timeout ?? Duration.seconds(10))
+    const timeoutMillis = Duration.toMillis(timeout)
     const pollCapMillis = Math.max(maxPollMillis, pollMillis)
 
     const configure = (message: string) =>
@@ -694,19 +758,22 @@ export const make = (
           (context: Context.Context<never>) => Context.omit(SqlClient.TransactionConnection)(context)
         )
 
-    // Every statement is bounded. `Idempotent.wrap` acquires and commits uninterruptibly; only the
-    // wait for the database is made interruptible, so that the timeout can end that wait even there.
+    // Every statement is bounded. `Idempotent.wrap` acquires and commits uninterruptibly; the
+    // statement runs on a fiber of its own, interruptible, so that the timeout can end the wait
+    // even there (and the statement, in the background).
     const call = <A>(
       operation: string,
       key: string,
       statement: Effect.Effect<A, SqlError>
     ): Effect.Effect<A, IdempotencyStorageError> =>
-      Effect.interruptible(Effect.mapError(statement, failure(operation, key))).pipe(
-        Effect.timeoutFail({
-          duration: timeout,
-          onTimeout: () =>
-            failure(operation, key)(new Error(`the database did not answer within ${Duration.format(timeout)}`))
-        })
+      Effect.flatMap(
+        wait.runWithin(Effect.interruptible(statement), timeoutMillis),
+        (exit) =>
+          exit === undefined
+            ? Effect.fail(
+              failure(operation, key)(new Error(`the database did not answer within ${Duration.format(timeout)}`))
+            )
+            : Effect.mapError(exit, failure(operation, key))
       )
 
     yield* call("setup", "", outside(dialect.setup))

@@ -84,17 +84,6 @@ const noteOutcome = (counters: metrics.BackendCounters, span: Tracer.Span | unde
     : Effect.zipRight(Effect.sync(() => span.attribute("idempotency.outcome", outcome)), counted)
 }
 
-/** The run's exit, or `undefined` once `millis` pass first. */
-const awaitRun = <A, E>(
-  clock: Clock.Clock,
-  run: Fiber.RuntimeFiber<A, E>,
-  millis: number
-): Effect.Effect<Exit.Exit<A, E> | undefined> =>
-  wait.within(clock, millis, (done: (exit: Exit.Exit<A, E>) => void) => {
-    run.addObserver(done)
-    return () => run.removeObserver(done)
-  })
-
 /**
  * `self` with `Execution` in its context, for a fiber of its own that starts uninterruptible;
  * `restore` makes `self` interruptible again. `Effect.provideService` would do, but it scopes the
@@ -324,7 +313,7 @@ export const run = <A, E, R>(
         )
         if (!storage.capabilities.renewal) {
           return Effect.flatMap(
-            awaitRun(clock, run, leaseMillis),
+            wait.fiberWithin(clock, run, leaseMillis),
             (exit) => exit === undefined ? lost : Effect.succeed(exit)
           )
         }
@@ -355,7 +344,7 @@ export const run = <A, E, R>(
           }
         )
         const loop: Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> = Effect.flatMap(
-          awaitRun(clock, run, leaseMillis / 3),
+          wait.fiberWithin(clock, run, leaseMillis / 3),
           (exit) => exit === undefined ? renew : Effect.succeed(exit)
         )
         return loop

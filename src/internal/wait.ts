@@ -2,6 +2,8 @@ import * as Clock from "effect/Clock"
 import * as Context from "effect/Context"
 import * as DefaultServices from "effect/DefaultServices"
 import * as Effect from "effect/Effect"
+import type * as Exit from "effect/Exit"
+import * as Fiber from "effect/Fiber"
 
 const liveClock = Context.get(DefaultServices.liveServices, Clock.Clock)
 
@@ -50,3 +52,38 @@ export const within = <A>(
     timer.unref()
   })
 }
+
+/**
+ * A fiber's exit, or `undefined` once `millis` pass first.
+ *
+ * @internal
+ */
+export const fiberWithin = <A, E>(
+  clock: Clock.Clock,
+  fiber: Fiber.RuntimeFiber<A, E>,
+  millis: number
+): Effect.Effect<Exit.Exit<A, E> | undefined> =>
+  within(clock, millis, (done: (exit: Exit.Exit<A, E>) => void) => {
+    fiber.addObserver(done)
+    return () => fiber.removeObserver(done)
+  })
+
+/**
+ * Runs `self` on a fiber of its own for at most `millis`: its exit, or `undefined` once the time
+ * is up and the fiber, interrupted, has stopped (as with `Effect.timeout`: a statement cancelled
+ * must not take a key later). One fork and a timer, where `Effect.timeout` races two fibers and
+ * costs several times a database round trip.
+ *
+ * @internal
+ */
+export const runWithin = <A, E, R>(
+  self: Effect.Effect<A, E, R>,
+  millis: number
+): Effect.Effect<Exit.Exit<A, E> | undefined, never, R> =>
+  Effect.clockWith((clock) =>
+    Effect.flatMap(Effect.fork(self), (fiber) =>
+      Effect.tap(
+        fiberWithin(clock, fiber, millis),
+        (exit) => exit === undefined ? Fiber.interrupt(fiber) : Effect.void
+      ))
+  )
