@@ -60,6 +60,8 @@ export class IdempotencyKeyMissing extends Schema.TaggedError<IdempotencyKeyMiss
  * - `malformed-header`: HTTP only, the header is not a token or a valid quoted string.
  * - `duplicate-header`: HTTP only, the header was sent more than once.
  * - `unencodable-fingerprint`: the fingerprint is not a JSON-like value (a bigint, a function, a cycle).
+ * - `invalid-unicode`: the key holds a lone surrogate, which storage encodings (UTF-8) would
+ *   replace, so two different keys would share one record.
  *
  * @since 0.1.0
  * @category Errors
@@ -70,7 +72,8 @@ export const KeyInvalidReason = Schema.Literal(
   "control-character",
   "malformed-header",
   "duplicate-header",
-  "unencodable-fingerprint"
+  "unencodable-fingerprint",
+  "invalid-unicode"
 )
 
 /**
@@ -183,7 +186,9 @@ export class IdempotencyLeaseLost extends Schema.TaggedError<IdempotencyLeaseLos
 
 /**
  * The storage failed or could not be reached. `operation` names the protocol step (`acquire`,
- * `commit`, `encode`, ...) and `cause` keeps the backend's own error.
+ * `commit`, ...) and `cause` keeps the backend's own error. `retryable: false` marks a failure
+ * that trying again cannot fix (a value larger than the store accepts, say): a commit that fails
+ * so is not retried.
  *
  * @since 0.1.0
  * @category Errors
@@ -193,7 +198,8 @@ export class IdempotencyStorageError extends Schema.TaggedError<IdempotencyStora
 )("IdempotencyStorageError", {
   key: Schema.String,
   operation: Schema.String,
-  cause: Schema.optional(Schema.Defect)
+  cause: Schema.optional(Schema.Defect),
+  retryable: Schema.optional(Schema.Boolean)
 }) {
   /**
    * @since 0.1.0
@@ -210,6 +216,106 @@ export class IdempotencyStorageError extends Schema.TaggedError<IdempotencyStora
 }
 
 /**
+ * Why a run's result was not kept.
+ *
+ * - `too-large`: its encoded form is larger than `maxResultBytes`.
+ * - `unencodable`: the `success` (or `failure`) schema could not encode it.
+ * - `storage-failed`: the store refused or could not be reached while the lease held.
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export const ResultNotStoredReason = Schema.Literal("too-large", "unencodable", "storage-failed")
+
+/**
+ * @since 0.1.0
+ * @category Errors
+ */
+export type ResultNotStoredReason = typeof ResultNotStoredReason.Type
+
+/**
+ * The effect ran, but its result could not be stored, so no retry can replay it. The caller is
+ * told instead of being handed a value that a retry would not see: a retry may run the effect
+ * again (once the key is free), so treat the outcome as unknown to everyone but this caller.
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export class IdempotencyResultNotStored extends Schema.TaggedError<IdempotencyResultNotStored>(
+  "effect-idempotency/IdempotencyResultNotStored"
+)("IdempotencyResultNotStored", {
+  key: Schema.String,
+  reason: ResultNotStoredReason,
+  detail: Schema.String,
+  cause: Schema.optional(Schema.Defect)
+}) {
+  /**
+   * @since 0.1.0
+   */
+  readonly [TypeId]: TypeId = TypeId
+
+  /**
+   * @since 0.1.0
+   */
+  get message(): string {
+    return `The run's result was not stored (${this.reason}): ${this.detail}`
+  }
+}
+
+/**
+ * A stored record for the key could not be read back: written by another schema (a deploy
+ * changed it), by a newer version of this library, or damaged. By default the call fails with
+ * this error until the record expires; `onUndecodable: "run"` forgets the record and runs again.
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export class IdempotencyRecordUndecodable extends Schema.TaggedError<IdempotencyRecordUndecodable>(
+  "effect-idempotency/IdempotencyRecordUndecodable"
+)("IdempotencyRecordUndecodable", {
+  key: Schema.String,
+  cause: Schema.optional(Schema.Defect)
+}) {
+  /**
+   * @since 0.1.0
+   */
+  readonly [TypeId]: TypeId = TypeId
+
+  /**
+   * @since 0.1.0
+   */
+  get message(): string {
+    const cause = this.cause instanceof Error ? `: ${this.cause.message}` : ""
+    return `The stored result for this idempotency key cannot be decoded${cause}`
+  }
+}
+
+/**
+ * An option makes no sense (a zero lease, a `ttl` shorter than the lease, ...). `option` names it.
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export class IdempotencyOptionsInvalid extends Schema.TaggedError<IdempotencyOptionsInvalid>(
+  "effect-idempotency/IdempotencyOptionsInvalid"
+)("IdempotencyOptionsInvalid", {
+  option: Schema.String,
+  detail: Schema.String
+}) {
+  /**
+   * @since 0.1.0
+   */
+  readonly [TypeId]: TypeId = TypeId
+
+  /**
+   * @since 0.1.0
+   */
+  get message(): string {
+    return `Invalid idempotency option \`${this.option}\`: ${this.detail}`
+  }
+}
+
+/**
  * @since 0.1.0
  * @category Errors
  */
@@ -220,6 +326,9 @@ export type IdempotencyError =
   | IdempotencyInFlight
   | IdempotencyLeaseLost
   | IdempotencyStorageError
+  | IdempotencyResultNotStored
+  | IdempotencyRecordUndecodable
+  | IdempotencyOptionsInvalid
 
 /**
  * The schema of every error above, for APIs that declare their failures.
@@ -233,12 +342,18 @@ export const IdempotencyError: Schema.Union<[
   typeof IdempotencyKeyReused,
   typeof IdempotencyInFlight,
   typeof IdempotencyLeaseLost,
-  typeof IdempotencyStorageError
+  typeof IdempotencyStorageError,
+  typeof IdempotencyResultNotStored,
+  typeof IdempotencyRecordUndecodable,
+  typeof IdempotencyOptionsInvalid
 ]> = Schema.Union(
   IdempotencyKeyMissing,
   IdempotencyKeyInvalid,
   IdempotencyKeyReused,
   IdempotencyInFlight,
   IdempotencyLeaseLost,
-  IdempotencyStorageError
+  IdempotencyStorageError,
+  IdempotencyResultNotStored,
+  IdempotencyRecordUndecodable,
+  IdempotencyOptionsInvalid
 )

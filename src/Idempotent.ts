@@ -122,6 +122,9 @@ const make = <A, E, R, F>(
         }
         return internal.run<A, E | F, R>(self, {
           key: key.right,
+          namespace: undefined,
+          maxResultBytes: Number.POSITIVE_INFINITY,
+          onUndecodable: "fail",
           fingerprint: fingerprint.right,
           codec,
           ttl,

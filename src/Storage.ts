@@ -139,8 +139,13 @@ export interface StorageService {
   readonly release: (lease: Lease) => Effect.Effect<boolean, IdempotencyStorageError>
   /** The completed record of a key, if it is still kept. */
   readonly read: (key: string) => Effect.Effect<Option.Option<IdempotencyRecord>, IdempotencyStorageError>
-  /** Forgets a key: its record and any lease on it. */
-  readonly delete: (key: string) => Effect.Effect<void, IdempotencyStorageError>
+  /**
+   * Forgets a key: its record and any lease on it. With `fence`, forgets only a completed record
+   * carrying that fence, in one atomic step, and leaves anything else (a lease, a newer record)
+   * alone: `Idempotent.wrap({ onUndecodable: "run" })` drops a record it cannot read this way,
+   * so that two callers doing so at once cannot drop the record the first one's new run stored.
+   */
+  readonly delete: (key: string, fence?: number | undefined) => Effect.Effect<void, IdempotencyStorageError>
   /**
    * Subscribes to a key for the life of the scope. The returned effect completes once the key may
    * have changed (committed, released, deleted) after the subscription began. Subscribe, then
@@ -324,7 +329,14 @@ export const fromBasic = (basic: BasicStorage, options?: FromBasicOptions): Stor
         )),
     release,
     read: readLive,
-    delete: (key) => Effect.zipRight(basic.delete(key), basic.delete(markerKey(key))),
+    // A basic store cannot compare and delete in one step: the fence is checked on a read first.
+    delete: (key, fence) =>
+      fence === undefined
+        ? Effect.zipRight(basic.delete(key), basic.delete(markerKey(key)))
+        : Effect.flatMap(
+          basic.get(key),
+          (record) => Option.isSome(record) && record.value.fence === fence ? basic.delete(key) : Effect.void
+        ),
     watch: () => Effect.succeed(Effect.sleep(pollInterval))
   })
 }

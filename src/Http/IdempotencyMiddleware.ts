@@ -217,6 +217,9 @@ const problemOf = (error: IdempotencyError, header: string): Problem => {
         detail: "The request ran, but its lease ended before its response could be stored: retry it."
       }
     case "IdempotencyStorageError":
+    case "IdempotencyResultNotStored":
+    case "IdempotencyRecordUndecodable":
+    case "IdempotencyOptionsInvalid":
       return {
         type: ProblemType.StorageUnavailable,
         title: "Idempotency storage unavailable",
@@ -422,6 +425,9 @@ export const make = <E2 = never, R2 = never>(
       const span = Option.getOrUndefined(yield* Effect.option(Effect.currentSpan))
       const outcome = yield* internal.run(self, {
         key,
+        namespace: undefined,
+        maxResultBytes: Number.POSITIVE_INFINITY,
+        onUndecodable: "fail",
         fingerprint,
         codec,
         ttl,

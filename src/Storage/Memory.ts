@@ -198,10 +198,14 @@ export const make = (
       commit,
       release,
       read: (key) => Effect.map(Clock.currentTimeMillis, (now) => Option.fromNullable(liveRecord(key, now))),
-      delete: (key) =>
+      delete: (key, fence) =>
         Effect.sync(() => {
+          if (fence !== undefined) {
+            if (completed.get(key)?.fence !== fence) return
+          } else {
+            inFlight.delete(key)
+          }
           completed.delete(key)
-          inFlight.delete(key)
           notify(key)
         }),
       watch

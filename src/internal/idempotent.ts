@@ -45,7 +45,18 @@ export class Execution extends Context.Tag("effect-idempotency/Idempotent/Execut
  * @internal
  */
 export interface Settings<A, E> {
+  /** The key as the caller gave it: what `Execution.key` and the errors show. */
   readonly key: string
+  /**
+   * What the key is scoped by in the store, already serialized (JSON, so it holds no raw control
+   * character): the record is stored under `namespace + "\u001f" + key`. `undefined` stores the
+   * key as it is. Two operations with different namespaces never share a record.
+   */
+  readonly namespace: string | undefined
+  /** The largest encoded result stored; a larger one fails with `IdempotencyResultNotStored`. */
+  readonly maxResultBytes: number
+  /** What a record that no longer decodes does: fail with `IdempotencyRecordUndecodable`, or run again. */
+  readonly onUndecodable: "fail" | "run"
   readonly fingerprint: string
   readonly codec: ResultCodec<A, E>
   readonly ttl: Duration.Duration
