@@ -135,10 +135,11 @@ export const run = <A, E, R>(
     const storage = Context.unsafeGet(fiber.currentContext, Storage.Storage)
     const clock = Context.get(fiber.currentDefaultServices, Clock.Clock)
     const { codec, fingerprint, key } = settings
+    const storageKey = settings.namespace === undefined ? key : `${settings.namespace}\u001f${key}`
     const backend = storage.backend
     const counters = metrics.forBackend(backend)
     const leaseMillis = Duration.toMillis(settings.lease)
-    const request: Storage.AcquireRequest = { key, fingerprint, lease: settings.lease }
+    const request: Storage.AcquireRequest = { key: storageKey, fingerprint, lease: settings.lease }
 
     const reused = () =>
       Effect.zipRight(
@@ -201,7 +202,7 @@ export const run = <A, E, R>(
       const waitForStore: Effect.Effect<LocalFlights.Shared, IdempotencyStorageError> = Effect.suspend(() =>
         Effect.scoped(
           Effect.flatMap(
-            Effect.catchAll(storage.watch(key), storageFailed),
+            Effect.catchAll(storage.watch(storageKey), storageFailed),
             (changed): Effect.Effect<Waited, IdempotencyStorageError, Scope.Scope> =>
               Effect.flatMap(acquire, (shared) => {
                 const result = shared.result
@@ -348,7 +349,7 @@ export const run = <A, E, R>(
             if (now - lastRenewed >= leaseMillis) return lost
             return Effect.zipRight(
               Effect.logWarning("idempotency lease renewal failed; retrying").pipe(
-                Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: renewed.left.message })
+                Effect.annotateLogs({ "idempotency.key_hash": keyHash(storageKey), cause: renewed.left.message })
               ),
               loop
             )
@@ -365,7 +366,7 @@ export const run = <A, E, R>(
         storage.release(lease).pipe(
           Effect.catchAll((error) =>
             Effect.logWarning("idempotency release failed; the key frees when its lease ends").pipe(
-              Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: error.message })
+              Effect.annotateLogs({ "idempotency.key_hash": keyHash(storageKey), cause: error.message })
             )
           ),
           Effect.zipRight(Metric.increment(counters.releases)),
@@ -399,7 +400,7 @@ export const run = <A, E, R>(
         payload: Uint8Array,
         now: number
       ): IdempotencyRecord => ({
-        key,
+        key: storageKey,
         fingerprint,
         outcome,
         payload,
@@ -435,7 +436,7 @@ export const run = <A, E, R>(
               return Effect.zipRight(
                 Metric.increment(counters.commitFailures),
                 Effect.logError("idempotency commit failed; the result was returned but not stored").pipe(
-                  Effect.annotateLogs({ "idempotency.key_hash": keyHash(key), cause: error.message })
+                  Effect.annotateLogs({ "idempotency.key_hash": keyHash(storageKey), cause: error.message })
                 )
               )
             }
