@@ -9,6 +9,7 @@ import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import { dual } from "effect/Function"
+import type * as Option from "effect/Option"
 import type * as Schema from "effect/Schema"
 import { type IdempotencyError, IdempotencyKeyInvalid } from "./IdempotencyError.js"
 import * as internalFingerprint from "./internal/fingerprint.js"
@@ -50,6 +51,29 @@ export type Execution = internal.Execution
  * @category Models
  */
 export type ExecutionInfo = internal.ExecutionInfo
+
+/**
+ * The current run's {@link ExecutionInfo}, or `None` outside one. Code that may run both under
+ * and outside an idempotent run (an HTTP handler reached with and without an `Idempotency-Key`,
+ * or by a method the middleware does not cover) reads this instead of requiring
+ * {@link Execution}, which only a run provides.
+ *
+ * @example
+ * ```ts
+ * import { Effect, Option } from "effect"
+ * import { Idempotent } from "effect-idempotency"
+ *
+ * const handler = Effect.gen(function*() {
+ *   const execution = yield* Idempotent.currentExecution
+ *   const fence = Option.match(execution, { onNone: () => 0, onSome: (run) => run.fence })
+ *   yield* Effect.log(`writing with fence ${fence}`)
+ * })
+ * ```
+ *
+ * @since 0.1.0
+ * @category Accessors
+ */
+export const currentExecution: Effect.Effect<Option.Option<ExecutionInfo>> = Effect.serviceOption(internal.Execution)
 
 /**
  * What a duplicate does while the first run is in flight: fail at once with
