@@ -16,6 +16,7 @@ import * as internalFingerprint from "./internal/fingerprint.js"
 import * as internal from "./internal/idempotent.js"
 import * as internalKey from "./internal/key.js"
 import * as ResultCodec from "./internal/resultCodec.js"
+import * as settings from "./internal/settings.js"
 import * as tracing from "./internal/tracing.js"
 import type * as Storage from "./Storage.js"
 
@@ -113,25 +114,45 @@ export interface WrapOptions<A, F> {
    * transactions (`SqlStorage`); others fail with `IdempotencyStorageError`. Default `false`.
    */
   readonly transactional?: boolean | undefined
+  /**
+   * The operation the key belongs to. Records are kept per namespace, so two operations that
+   * happen to receive the same key (a payment and a refund keyed by one message id) never replay
+   * each other's results. Default: none, the key alone.
+   */
+  readonly namespace?: string | undefined
+  /**
+   * The largest encoded result (or stored failure) kept, in bytes. A larger one is not stored:
+   * the call fails with `IdempotencyResultNotStored` (`too-large`) and the key is released.
+   * Default 4 MiB, which every built-in backend accepts in its default configuration.
+   */
+  readonly maxResultBytes?: number | undefined
+  /**
+   * What a call does when the stored record for its key cannot be decoded (the `success` or
+   * `failure` schema changed across a deploy, or a newer version wrote it): `"fail"` with
+   * `IdempotencyRecordUndecodable` until the record expires, or `"run"`: forget that record and
+   * run the effect again. Default `"fail"`: running again may repeat a side effect that already
+   * happened.
+   */
+  readonly onUndecodable?: "fail" | "run" | undefined
 }
 
-const defaultTtl = Duration.hours(24)
-const defaultLease = Duration.seconds(30)
+const defaultMaxResultBytes = 4 * 1024 * 1024
 
 const make = <A, E, R, F>(
   self: Effect.Effect<A, E, R>,
   options: WrapOptions<A, F>
 ): Effect.Effect<A, E | F | IdempotencyError, Exclude<R, Execution> | Storage.Storage> => {
-  const ttl = options.ttl === undefined ? defaultTtl : Duration.decode(options.ttl)
-  const lease = options.lease === undefined ? defaultLease : Duration.decode(options.lease)
-  const onInFlight = options.onInFlight ?? "fail"
-  const wait = onInFlight === "fail" ? undefined : Duration.decode(onInFlight.wait)
+  const timing = settings.decodeTiming(options)
+  const maxResultBytes = settings.decodeByteLimit("maxResultBytes", options.maxResultBytes, defaultMaxResultBytes)
   const codec = ResultCodec.fromSchemas<A, E | F>(options.success, options.failure)
+  const namespace = options.namespace === undefined ? undefined : JSON.stringify(options.namespace)
   return tracing.withSpan(
     "Idempotent.wrap",
     () => ({ "idempotency.key_hash": internalFingerprint.keyHash(String(options.key)) }),
     (span) =>
       Effect.suspend(() => {
+        if (Either.isLeft(timing)) return Effect.fail(timing.left)
+        if (Either.isLeft(maxResultBytes)) return Effect.fail(maxResultBytes.left)
         const key = internalKey.validate(options.key)
         if (Either.isLeft(key)) return Effect.fail(key.left)
         const fingerprint = internalFingerprint.make(options.fingerprint)
@@ -146,14 +167,14 @@ const make = <A, E, R, F>(
         }
         return internal.run<A, E | F, R>(self, {
           key: key.right,
-          namespace: undefined,
-          maxResultBytes: Number.POSITIVE_INFINITY,
-          onUndecodable: "fail",
+          namespace,
+          maxResultBytes: maxResultBytes.right,
+          onUndecodable: options.onUndecodable ?? "fail",
           fingerprint: fingerprint.right,
           codec,
-          ttl,
-          lease,
-          wait,
+          ttl: timing.right.ttl,
+          lease: timing.right.lease,
+          wait: timing.right.wait,
           transactional: options.transactional === true,
           span
         })
@@ -207,7 +228,4 @@ export const wrap: {
     self: Effect.Effect<A, E, R>,
     options: WrapOptions<NoInfer<A>, F>
   ): Effect.Effect<A, E | F | IdempotencyError, Exclude<R, Execution> | Storage.Storage>
-} = dual(
-  (args) => Effect.isEffect(args[0]),
-  <A, E, R, F>(self: Effect.Effect<A, E, R>, options: WrapOptions<A, F>) => make(self, options)
-)
+} = dual(2, <A, E, R, F>(self: Effect.Effect<A, E, R>, options: WrapOptions<A, F>) => make(self, options))

@@ -4,7 +4,7 @@ import { IdempotencyError, Idempotent, Storage } from "../src/index.js"
 import { countingLayer, StorageCounts } from "./fixtures/CountingStorage.js"
 import { ended, failsWith, poll, successOf } from "./fixtures/Exits.js"
 
-const { IdempotencyLeaseLost, IdempotencyStorageError } = IdempotencyError
+const { IdempotencyLeaseLost, IdempotencyResultNotStored, IdempotencyStorageError } = IdempotencyError
 
 const storageDown = (key: string, operation: string) =>
   new IdempotencyStorageError({ key, operation, cause: new Error("connection refused") })
@@ -179,7 +179,7 @@ describe("Idempotent.wrap: storage failures", () => {
       Effect.provide(countingLayer(() => ({ acquire: (request) => Effect.fail(storageDown(request.key, "acquire")) })))
     ))
 
-  it.effect("a commit that keeps failing is retried while the lease holds; then the caller and a local duplicate still get the value of the one run", () =>
+  it.effect("a commit that keeps failing is retried while the lease holds, then fails with IdempotencyResultNotStored: no caller is told success", () =>
     Effect.gen(function*() {
       const counts = yield* StorageCounts
       let runs = 0
@@ -193,12 +193,43 @@ describe("Idempotent.wrap: storage failures", () => {
       yield* TestClock.adjust("1 second")
       assert.isUndefined(yield* poll(first), "gave up on the commit while the lease still held")
       yield* TestClock.adjust("10 seconds")
-      assert.strictEqual(successOf(yield* ended(first)), 1)
-      assert.strictEqual(successOf(yield* ended(duplicate)), 1)
-      assert.strictEqual(runs, 1)
+      const error = failsWith(yield* ended(first), IdempotencyResultNotStored)
+      assert.strictEqual(error.reason, "storage-failed")
+      assert.strictEqual(error.key, "down-2")
       assert.isAbove(counts.commit, 3)
+      // The key was released: the waiting duplicate was not handed the unstored value; it ran
+      // the effect itself, and was told the same about its own result.
+      yield* TestClock.adjust("12 seconds")
+      failsWith(yield* ended(duplicate), IdempotencyResultNotStored)
+      assert.strictEqual(runs, 2)
     }).pipe(
       Effect.provide(countingLayer(() => ({ commit: (lease) => Effect.fail(storageDown(lease.key, "commit")) })))
+    ))
+
+  it.effect("a commit failure that retrying cannot fix (retryable: false) is not retried", () =>
+    Effect.gen(function*() {
+      const counts = yield* StorageCounts
+      let runs = 0
+      const call = Effect.sync(() => ++runs).pipe(Idempotent.wrap({ key: "too-big-for-store", lease: "10 seconds" }))
+      const error = failsWith(yield* Effect.exit(call), IdempotencyResultNotStored)
+      assert.strictEqual(error.reason, "storage-failed")
+      assert.strictEqual(counts.commit, 1)
+      assert.strictEqual(counts.release, 1)
+      // Released: a retry runs again.
+      failsWith(yield* Effect.exit(call), IdempotencyResultNotStored)
+      assert.strictEqual(runs, 2)
+    }).pipe(
+      Effect.provide(countingLayer(() => ({
+        commit: (lease) =>
+          Effect.fail(
+            new IdempotencyStorageError({
+              key: lease.key,
+              operation: "commit",
+              cause: new Error("packet too large"),
+              retryable: false
+            })
+          )
+      })))
     ))
 
   it.effect("a commit that fails once is retried: the result is stored and a later call replays it", () =>
@@ -225,19 +256,19 @@ describe("Idempotent.wrap: storage failures", () => {
       }))
     ))
 
-  it.effect("a success the default JSON cannot encode fails with IdempotencyStorageError \"encode\" and releases the key", () =>
+  it.effect("a success the default JSON cannot encode fails with IdempotencyResultNotStored \"unencodable\" and releases the key", () =>
     Effect.gen(function*() {
       const counts = yield* StorageCounts
       const storage = yield* Storage.Storage
       let runs = 0
       const call = Effect.sync(() => ({ run: ++runs, amount: 10n })).pipe(Idempotent.wrap({ key: "encode-1" }))
-      const error = failsWith(yield* Effect.exit(call), IdempotencyStorageError)
-      assert.strictEqual(error.operation, "encode")
+      const error = failsWith(yield* Effect.exit(call), IdempotencyResultNotStored)
+      assert.strictEqual(error.reason, "unencodable")
       assert.strictEqual(counts.release, 1)
       assert.strictEqual(counts.commit, 0)
       assert.isTrue(Option.isNone(yield* storage.read("encode-1")))
       // Released, not left in flight: the retry runs (and fails to encode) again.
-      failsWith(yield* Effect.exit(call), IdempotencyStorageError)
+      failsWith(yield* Effect.exit(call), IdempotencyResultNotStored)
       assert.strictEqual(runs, 2)
     }).pipe(Effect.provide(countingLayer())))
 })

@@ -311,7 +311,7 @@ describe("Idempotent.wrap observability", () => {
       const messages = [
         "idempotency lease renewal failed; retrying",
         "idempotency release failed; the key frees when its lease ends",
-        "idempotency commit failed; the result was returned but not stored"
+        "idempotency commit failed; the run's result was not stored"
       ]
       for (const message of messages) {
         const log = logs.find((log) => log.line.includes(message))
@@ -351,7 +351,8 @@ describe("Idempotent.wrap observability", () => {
         ["lease_lost", { executions: 1, leaseLost: 1 }],
         ["renewal_warning", { executions: 1 }],
         ["release_warning", { executions: 1, releases: 1 }],
-        ["commit_error", { executions: 1, commitFailures: 1 }],
+        // The result was not stored: the caller is told, and the key is released for a retry.
+        ["commit_error", { executions: 1, commitFailures: 1, releases: 1 }],
         ["storage_error", { storageErrors: 1 }],
         ["encode_error", { executions: 1, releases: 1 }]
       ]

@@ -16,7 +16,10 @@ import {
   IdempotencyInFlight,
   IdempotencyKeyReused,
   IdempotencyLeaseLost,
-  IdempotencyStorageError
+  IdempotencyRecordUndecodable,
+  IdempotencyResultNotStored,
+  IdempotencyStorageError,
+  type ResultNotStoredReason
 } from "../IdempotencyError.js"
 import type { IdempotencyRecord } from "../IdempotencyRecord.js"
 import * as Storage from "../Storage.js"
@@ -120,6 +123,45 @@ const withExecution = <A, E, R>(
 type Waited = Option.Option<LocalFlights.Shared>
 
 /**
+ * The part of a lease kept back when the run decides it can no longer prove it holds the key: the
+ * run is interrupted this long before the store could let the lease go, so that a timer that
+ * fires late on a busy machine, or a run that takes a moment to stop, still ends before another
+ * caller can take the key.
+ */
+const safetyMarginMillis = (leaseMillis: number) => Math.min(leaseMillis / 5, 2000)
+
+// What a supervisor waits for: the run's end, the renewal's answer, or neither before the deadline.
+type Supervised<A, E> =
+  | { readonly _tag: "RunEnded"; readonly exit: Exit.Exit<A, E> }
+  | { readonly _tag: "Renewed"; readonly exit: Exit.Exit<boolean, IdempotencyStorageError> }
+
+const firstToEnd = <A, E>(
+  clock: Clock.Clock,
+  run: Fiber.RuntimeFiber<A, E>,
+  renewal: Fiber.RuntimeFiber<boolean, IdempotencyStorageError>,
+  millis: number
+): Effect.Effect<Supervised<A, E> | undefined> =>
+  wait.within(clock, millis, (done: (ended: Supervised<A, E>) => void) => {
+    let fired = false
+    const onRun = (exit: Exit.Exit<A, E>) => {
+      if (fired) return
+      fired = true
+      done({ _tag: "RunEnded", exit })
+    }
+    const onRenewal = (exit: Exit.Exit<boolean, IdempotencyStorageError>) => {
+      if (fired) return
+      fired = true
+      done({ _tag: "Renewed", exit })
+    }
+    run.addObserver(onRun)
+    renewal.addObserver(onRenewal)
+    return () => {
+      run.removeObserver(onRun)
+      renewal.removeObserver(onRenewal)
+    }
+  })
+
+/**
  * Runs `self` at most once per key: the protocol that `Idempotent.wrap` and the HTTP middleware
  * share.
  *
@@ -139,7 +181,11 @@ export const run = <A, E, R>(
     const backend = storage.backend
     const counters = metrics.forBackend(backend)
     const leaseMillis = Duration.toMillis(settings.lease)
+    const marginMillis = safetyMarginMillis(leaseMillis)
     const request: Storage.AcquireRequest = { key: storageKey, fingerprint, lease: settings.lease }
+    // Until when this process may act as the key's holder: the lease as the store counts it, from
+    // the moment the acquire or the last successful renewal was sent, less the safety margin.
+    const deadlineOf = (flight: LocalFlights.Flight) => flight.leaseExpiresAt - marginMillis
 
     const reused = () =>
       Effect.zipRight(
@@ -153,12 +199,12 @@ export const run = <A, E, R>(
           new IdempotencyInFlight({ key, retryAfter: Duration.millis(Math.max(0, remainingMillis)) })
         )
       )
-    const replay = (record: IdempotencyRecord): Effect.Effect<A, E | IdempotencyError> =>
-      record.fingerprint === fingerprint
-        ? Effect.zipRight(noteOutcome(counters, settings.span, "replayed"), codec.decode(record))
-        : reused()
     const storageFailed = (error: IdempotencyStorageError) =>
       Effect.zipRight(Metric.increment(counters.storageErrors), Effect.fail(error))
+    const notStored = (reason: ResultNotStoredReason, detail: string, cause?: unknown) =>
+      Effect.failSync(() =>
+        new IdempotencyResultNotStored(cause === undefined ? { key, reason, detail } : { key, reason, detail, cause })
+      )
 
     settings.span?.attribute("idempotency.backend", backend)
 
@@ -173,26 +219,52 @@ export const run = <A, E, R>(
     }
 
     const startedAt = clock.unsafeCurrentTimeMillis()
-    const deadline = settings.wait === undefined ? startedAt : startedAt + Duration.toMillis(settings.wait)
+    const waitUntil = settings.wait === undefined ? startedAt : startedAt + Duration.toMillis(settings.wait)
 
     return Effect.uninterruptibleMask((restore) => {
-      const acquire = Effect.catchAll(LocalFlights.acquire(storage, request), storageFailed)
+      const acquire = Effect.suspend(() =>
+        Effect.catchAll(LocalFlights.acquire(storage, request, clock.unsafeCurrentTimeMillis()), storageFailed)
+      )
 
-      const step = (shared: LocalFlights.Shared): Effect.Effect<A, E | IdempotencyError, Exclude<R, Execution>> => {
+      // A record this version cannot read (another schema, a newer format) is, on request,
+      // forgotten and the key acquired again, once: only that record goes (compared by fence), so
+      // a run stored by another caller meanwhile stays.
+      const replay = (
+        record: IdempotencyRecord,
+        rerunAllowed: boolean
+      ): Effect.Effect<A, E | IdempotencyError, Exclude<R, Execution>> => {
+        if (record.fingerprint !== fingerprint) return reused()
+        const decoded = Effect.zipRight(noteOutcome(counters, settings.span, "replayed"), codec.decode(record))
+        if (settings.onUndecodable === "fail" || !rerunAllowed) return restore(decoded)
+        return Effect.catchIf(
+          restore(decoded),
+          (error): error is IdempotencyRecordUndecodable => error instanceof IdempotencyRecordUndecodable,
+          () =>
+            Effect.zipRight(
+              Effect.catchAll(storage.delete(storageKey, record.fence), storageFailed),
+              Effect.flatMap(acquire, (shared) => step(shared, false))
+            )
+        )
+      }
+
+      const step = (
+        shared: LocalFlights.Shared,
+        rerunAllowed = true
+      ): Effect.Effect<A, E | IdempotencyError, Exclude<R, Execution>> => {
         const result = shared.result
         switch (result._tag) {
           case "Completed":
-            return restore(replay(result.record))
+            return replay(result.record, rerunAllowed)
           case "InFlight": {
             if (result.fingerprint !== undefined && result.fingerprint !== fingerprint) return reused()
-            return clock.unsafeCurrentTimeMillis() >= deadline
+            return clock.unsafeCurrentTimeMillis() >= waitUntil
               ? inFlight(Duration.toMillis(result.leaseRemaining))
-              : Effect.flatMap(waitForStore, step)
+              : Effect.flatMap(waitForStore, (shared) => step(shared, rerunAllowed))
           }
           case "Acquired": {
-            if (shared.leader) return execute(result.lease, shared.flight)
+            if (shared.leader) return guarded(result.lease, shared.flight)
             if (shared.flight.fingerprint !== fingerprint) return reused()
-            return awaitLocalRun(shared.flight)
+            return awaitLocalRun(shared.flight, rerunAllowed)
           }
         }
       }
@@ -214,41 +286,51 @@ export const run = <A, E, R>(
                   return Effect.succeed(Option.some(shared))
                 }
                 const now = clock.unsafeCurrentTimeMillis()
-                if (now >= deadline) return Effect.succeed(Option.some(shared))
-                const sleep = Math.min(Duration.toMillis(result.leaseRemaining), deadline - now)
+                if (now >= waitUntil) return Effect.succeed(Option.some(shared))
+                const sleep = Math.min(Duration.toMillis(result.leaseRemaining), waitUntil - now)
                 return Effect.as(restore(Effect.raceFirst(changed, Effect.sleep(sleep))), Option.none())
               })
           )
         ).pipe(Effect.flatMap(Option.match({ onNone: () => waitForStore, onSome: Effect.succeed })))
       )
 
-      const awaitLocalRun = (flight: LocalFlights.Flight) => {
+      const awaitLocalRun = (flight: LocalFlights.Flight, rerunAllowed: boolean) => {
         const now = clock.unsafeCurrentTimeMillis()
-        if (now >= deadline) return inFlight(flight.leaseExpiresAt - now)
+        if (now >= waitUntil) return inFlight(flight.leaseExpiresAt - now)
         return Effect.flatMap(
           restore(wait.within(
             clock,
-            deadline - now,
+            waitUntil - now,
             (done: (settlement: LocalFlights.Settlement) => void) => LocalFlights.listenSettled(flight, done)
           )),
           (settlement) => {
             if (settlement === undefined) return inFlight(flight.leaseExpiresAt - clock.unsafeCurrentTimeMillis())
-            return settlement._tag === "Completed" ? restore(replay(settlement.record)) : Effect.flatMap(acquire, step)
+            return settlement._tag === "Completed"
+              ? replay(settlement.record, rerunAllowed)
+              : Effect.flatMap(acquire, (shared) => step(shared, rerunAllowed))
           }
         )
       }
+
+      // Whatever ends the run (a defect in a schema's encoder or in a custom backend's commit, an
+      // interruption between steps), a lease still held here is released and the local waiters
+      // are let go: otherwise they would wait on a flight nobody settles, for as long as the
+      // process lives.
+      const guarded = (lease: Storage.Lease, flight: LocalFlights.Flight) =>
+        Effect.onExit(
+          execute(lease, flight),
+          () => flight.settled === undefined ? releaseKey(lease, flight) : Effect.void
+        )
 
       // The run gets a fiber of its own, so that a lost lease can interrupt it without
       // interrupting the caller; this fiber supervises it and renews the lease meanwhile.
       const execute = (lease: Storage.Lease, flight: LocalFlights.Flight) =>
         Effect.suspend(() => {
-          const acquiredAt = clock.unsafeCurrentTimeMillis()
-          flight.leaseExpiresAt = acquiredAt + leaseMillis
           const runToEnd: Effect.Effect<RunExit<A, E>, never, Exclude<R, Execution>> = Effect.flatMap(
             Effect.fork(withExecution(self, { key, fence: lease.fence }, restore)),
             (run) =>
               Effect.flatMap(
-                Effect.exit(restore(supervise(run, lease, flight, acquiredAt))),
+                Effect.exit(restore(supervise(run, lease, flight))),
                 (outer) =>
                   Exit.isFailure(outer) && Option.isNone(Cause.failureOption(outer.cause))
                     // The caller was interrupted: the run goes with it.
@@ -279,17 +361,14 @@ export const run = <A, E, R>(
           Effect.exit(transaction(Effect.flatMap(runToEnd, (outer) => {
             if (Exit.isFailure(outer) || Exit.isFailure(outer.value)) return Effect.fail(new RollBack(outer))
             const value = outer.value.value
-            const payload = codec.encodeSuccess(value)
+            const payload = encodeSuccess(value)
             if (Either.isLeft(payload)) return Effect.fail(new RollBack(outer))
+            const leaseLost = new RollBack<A, E>(Exit.fail(new IdempotencyLeaseLost({ key, fence: lease.fence })))
+            if (pastDeadline(flight)) return Effect.fail(leaseLost)
             const record = recordOf(lease, "success", payload.right, clock.unsafeCurrentTimeMillis())
             return Effect.flatMap(
               storage.commit(lease, { outcome: "success", payload: payload.right, ttl: settings.ttl }),
-              (committed) =>
-                committed
-                  ? Effect.succeed({ value, record })
-                  : Effect.fail(
-                    new RollBack<A, E>(Exit.fail(new IdempotencyLeaseLost({ key, fence: lease.fence })))
-                  )
+              (committed) => committed ? Effect.succeed({ value, record }) : Effect.fail(leaseLost)
             )
           }))),
           (exit): Effect.Effect<A, E | IdempotencyError> => {
@@ -310,63 +389,73 @@ export const run = <A, E, R>(
           }
         )
 
-      // Waits for the run, renewing the lease every third of it. A renewal that finds the lease
-      // gone, or storage failures lasting a whole lease, end the run: someone else may own the
-      // key by then. A storage that cannot renew holds the lease for its first term only.
+      // Waits for the run, renewing the lease every third of it. The run may go on only while this
+      // process can prove it holds the lease: past the deadline (the last successful renewal's
+      // send time plus the lease, less a margin) it is interrupted, whether renewals failed, hang,
+      // or found the lease gone, so it ends before the store can hand the key to someone else.
+      // A storage that cannot renew holds the lease for its first term only.
       const supervise = (
         run: Fiber.RuntimeFiber<A, E>,
         lease: Storage.Lease,
-        flight: LocalFlights.Flight,
-        acquiredAt: number
+        flight: LocalFlights.Flight
       ): Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> => {
         const lost = Effect.zipRight(
           Effect.uninterruptible(Fiber.interrupt(run)),
           Effect.failSync(() => new IdempotencyLeaseLost({ key, fence: lease.fence }))
         )
+        const untilDeadline = (millis: number) =>
+          Math.max(0, Math.min(millis, deadlineOf(flight) - clock.unsafeCurrentTimeMillis()))
         if (!storage.capabilities.renewal) {
           return Effect.flatMap(
-            wait.fiberWithin(clock, run, leaseMillis),
+            wait.fiberWithin(clock, run, untilDeadline(Number.POSITIVE_INFINITY)),
             (exit) => exit === undefined ? lost : Effect.succeed(exit)
           )
         }
-        let lastRenewed = acquiredAt
-        // A slow renewal must not hold back a run that has ended: the two race, on renewal ticks only.
-        const renewOrEnd = Effect.raceFirst(
-          Effect.either(Effect.suspend(() => storage.renew(lease, settings.lease))),
-          Fiber.await(run)
-        )
-        const renew: Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> = Effect.flatMap(
-          renewOrEnd,
-          (renewed) => {
-            if (Exit.isExit(renewed)) return Effect.succeed(renewed)
-            const now = clock.unsafeCurrentTimeMillis()
-            if (Either.isRight(renewed)) {
-              if (!renewed.right) return lost
-              lastRenewed = now
-              flight.leaseExpiresAt = now + leaseMillis
-              return loop
-            }
-            if (now - lastRenewed >= leaseMillis) return lost
-            return Effect.zipRight(
-              Effect.logWarning("idempotency lease renewal failed; retrying").pipe(
-                Effect.annotateLogs({ "idempotency.key_hash": keyHash(storageKey), cause: renewed.left.message })
-              ),
-              loop
-            )
-          }
-        )
-        const loop: Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> = Effect.flatMap(
-          wait.fiberWithin(clock, run, leaseMillis / 3),
-          (exit) => exit === undefined ? renew : Effect.succeed(exit)
-        )
-        return loop
+        const renew: Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> = Effect.suspend(() => {
+          const sentAt = clock.unsafeCurrentTimeMillis()
+          const timeLeft = deadlineOf(flight) - sentAt
+          if (timeLeft <= 0) return lost
+          return Effect.flatMap(Effect.fork(storage.renew(lease, settings.lease)), (renewal) =>
+            Effect.flatMap(firstToEnd(clock, run, renewal, timeLeft), (ended) => {
+              if (ended === undefined || ended._tag === "RunEnded") {
+                // A renewal still on its way is not waited for: its answer no longer matters.
+                return Effect.zipRight(
+                  Fiber.interruptFork(renewal),
+                  ended === undefined ? lost : Effect.succeed(ended.exit)
+                )
+              }
+              const renewed = ended.exit
+              if (Exit.isSuccess(renewed)) {
+                if (!renewed.value) return lost
+                flight.leaseExpiresAt = sentAt + leaseMillis
+                return loop(leaseMillis / 3)
+              }
+              return Effect.zipRight(
+                Effect.logWarning("idempotency lease renewal failed; retrying while the lease holds").pipe(
+                  Effect.annotateLogs({
+                    "idempotency.key_hash": keyHash(storageKey),
+                    cause: Cause.pretty(renewed.cause)
+                  })
+                ),
+                loop(leaseMillis / 10)
+              )
+            }))
+        })
+        const loop = (millis: number): Effect.Effect<Exit.Exit<A, E>, IdempotencyLeaseLost> =>
+          Effect.flatMap(
+            Effect.suspend(() => wait.fiberWithin(clock, run, untilDeadline(millis))),
+            (exit) => exit === undefined ? renew : Effect.succeed(exit)
+          )
+        return loop(leaseMillis / 3)
       }
+
+      const pastDeadline = (flight: LocalFlights.Flight) => clock.unsafeCurrentTimeMillis() >= deadlineOf(flight)
 
       const releaseKey = (lease: Storage.Lease, flight: LocalFlights.Flight) =>
         storage.release(lease).pipe(
-          Effect.catchAll((error) =>
+          Effect.catchAllCause((cause) =>
             Effect.logWarning("idempotency release failed; the key frees when its lease ends").pipe(
-              Effect.annotateLogs({ "idempotency.key_hash": keyHash(storageKey), cause: error.message })
+              Effect.annotateLogs({ "idempotency.key_hash": keyHash(storageKey), cause: Cause.pretty(cause) })
             )
           ),
           Effect.zipRight(Metric.increment(counters.releases)),
@@ -375,8 +464,8 @@ export const run = <A, E, R>(
 
       // A commit that failed (a dropped connection, a timeout) is tried again while the lease
       // still holds: no one else can take the key until then, and commits are idempotent for
-      // their token, so one that landed but lost its reply is answered as done. Giving up early
-      // would let a waiting duplicate run the effect a second time once the lease ends.
+      // their token, so one that landed but lost its reply is answered as done. A failure that
+      // retrying cannot fix (`retryable: false`) is not tried again.
       const commitWithinLease = (
         lease: Storage.Lease,
         flight: LocalFlights.Flight,
@@ -386,7 +475,7 @@ export const run = <A, E, R>(
           Effect.catchAll(
             storage.commit(lease, request),
             (error) =>
-              clock.unsafeCurrentTimeMillis() + delayMillis >= flight.leaseExpiresAt
+              error.retryable === false || clock.unsafeCurrentTimeMillis() + delayMillis >= deadlineOf(flight)
                 ? Effect.fail(error)
                 : Effect.zipRight(Effect.sleep(delayMillis), attempt(Math.min(delayMillis * 2, 1000)))
           )
@@ -409,14 +498,37 @@ export const run = <A, E, R>(
         expiresAt: now + Duration.toMillis(settings.ttl)
       })
 
+      // The success as stored bytes, or why it cannot be stored.
+      const encodeSuccess = (
+        value: A
+      ): Either.Either<Uint8Array, readonly [ResultNotStoredReason, string, unknown]> => {
+        const payload = codec.encodeSuccess(value)
+        if (Either.isLeft(payload)) {
+          return Either.left(["unencodable", "the success schema could not encode the result", payload.left] as const)
+        }
+        return tooLarge(payload.right) ? Either.left(tooLargeReason(payload.right)) : Either.right(payload.right)
+      }
+      const tooLarge = (payload: Uint8Array) => payload.length > settings.maxResultBytes
+      const tooLargeReason = (payload: Uint8Array) =>
+        [
+          "too-large",
+          `the encoded result is ${payload.length} bytes, more than maxResultBytes (${settings.maxResultBytes})`,
+          undefined
+        ] as const
+
       const store = (
         lease: Storage.Lease,
         flight: LocalFlights.Flight,
         outcome: IdempotencyRecord["outcome"],
         payload: Uint8Array
-      ): Effect.Effect<void, IdempotencyLeaseLost> => {
+      ): Effect.Effect<void, IdempotencyLeaseLost | IdempotencyResultNotStored> => {
+        // A store that cannot check the owner in its commit must not be written past the deadline:
+        // another caller may hold the key by then. The others check it themselves.
+        const commit = !storage.capabilities.ownedCommit && pastDeadline(flight)
+          ? Effect.succeed(false)
+          : commitWithinLease(lease, flight, { outcome, payload, ttl: settings.ttl })
         const record = recordOf(lease, outcome, payload, clock.unsafeCurrentTimeMillis())
-        return commitWithinLease(lease, flight, { outcome, payload, ttl: settings.ttl }).pipe(
+        return commit.pipe(
           Effect.matchEffect({
             onSuccess: (committed) => {
               if (committed) {
@@ -429,17 +541,22 @@ export const run = <A, E, R>(
                 Effect.fail(new IdempotencyLeaseLost({ key, fence: lease.fence }))
               )
             },
-            // The run happened and its caller gets its result; local duplicates get it too. The
-            // store did not keep it, so a retry after the lease ends would run again: say so loudly.
-            onFailure: (error) => {
-              LocalFlights.settle(storage, flight, { _tag: "Completed", record })
-              return Effect.zipRight(
-                Metric.increment(counters.commitFailures),
-                Effect.logError("idempotency commit failed; the result was returned but not stored").pipe(
-                  Effect.annotateLogs({ "idempotency.key_hash": keyHash(storageKey), cause: error.message })
+            // The run happened, but no retry can replay its result: the caller is told so instead
+            // of being handed a value that nobody else will ever see.
+            onFailure: (error) =>
+              Effect.zipRight(
+                releaseKey(lease, flight),
+                Effect.zipRight(
+                  Metric.increment(counters.commitFailures),
+                  Effect.logError("idempotency commit failed; the run's result was not stored").pipe(
+                    Effect.annotateLogs({ "idempotency.key_hash": keyHash(storageKey), cause: error.message })
+                  )
+                ).pipe(
+                  Effect.zipRight(
+                    notStored("storage-failed", `the store did not keep the result: ${error.message}`, error)
+                  )
                 )
               )
-            }
           })
         )
       }
@@ -459,21 +576,23 @@ export const run = <A, E, R>(
         }
         const exit = outer.value
         if (Exit.isSuccess(exit)) {
-          const payload = codec.encodeSuccess(exit.value)
+          const payload = encodeSuccess(exit.value)
           if (Either.isLeft(payload)) {
-            return Effect.zipRight(
-              releaseKey(lease, flight),
-              Effect.fail(new IdempotencyStorageError({ key, operation: "encode", cause: payload.left }))
-            )
+            const [reason, detail, cause] = payload.left
+            return Effect.zipRight(releaseKey(lease, flight), notStored(reason, detail, cause))
           }
           return Effect.as(store(lease, flight, "success", payload.right), exit.value)
         }
         const failure = Cause.isFailType(exit.cause) ? Option.some(exit.cause.error) : Option.none()
         const payload = Option.flatMap(failure, codec.encodeFailure)
         if (Option.isNone(payload)) return Effect.zipRight(releaseKey(lease, flight), exit)
+        if (tooLarge(payload.value)) {
+          const [reason, detail] = tooLargeReason(payload.value)
+          return Effect.zipRight(releaseKey(lease, flight), notStored(reason, detail, Cause.squash(exit.cause)))
+        }
         return Effect.zipRight(store(lease, flight, "failure", payload.value), exit)
       }
 
-      return Effect.flatMap(acquire, step)
+      return Effect.flatMap(acquire, (shared) => step(shared))
     })
   })

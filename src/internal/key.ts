@@ -6,9 +6,11 @@ export const defaultMaxLength = 255
 
 // C0 and C1 control characters and DEL: they break logs, headers and storage keys.
 const controlCharacter = /[\u0000-\u001f\u007f-\u009f]/
+// Read by code point (the `u` flag), a surrogate pair is one character: only lone halves match.
+const loneSurrogate = /\p{Cs}/u
 
 /**
- * Checks a key: 1 to `maxLength` characters (code points), no control characters.
+ * Checks a key: 1 to `maxLength` characters (code points), valid Unicode, no control characters.
  *
  * @internal
  */
@@ -29,6 +31,17 @@ export const validate = (key: string, maxLength = defaultMaxLength): Either.Eith
         })
       )
     }
+  }
+  // Storage encodes keys as UTF-8, which turns every lone surrogate into U+FFFD: "a\uD800",
+  // "a\uDC00" and "a\uFFFD" would share one record there while memory keeps them apart.
+  if (loneSurrogate.test(key)) {
+    return Either.left(
+      new IdempotencyKeyInvalid({
+        key: key.replace(new RegExp(loneSurrogate, "gu"), "?").slice(0, 32),
+        reason: "invalid-unicode",
+        detail: "the key contains a lone surrogate (it is not valid Unicode)"
+      })
+    )
   }
   if (controlCharacter.test(key)) {
     return Either.left(

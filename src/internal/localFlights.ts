@@ -1,4 +1,5 @@
 import * as Deferred from "effect/Deferred"
+import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as FiberId from "effect/FiberId"
@@ -26,7 +27,10 @@ export interface Flight {
   // Made only when a duplicate arrives in time to wait: most calls have none, and each costs.
   acquiredSignal: Deferred.Deferred<Storage.AcquireResult, IdempotencyStorageError> | undefined
   settledListeners: Set<(settlement: Settlement) => void> | undefined
-  /** Epoch millis when the local holder's lease ends; moved on by each renewal. */
+  /**
+   * Epoch millis when the local holder's lease ends at the earliest: the acquire's or the last
+   * successful renewal's send time plus the lease.
+   */
   leaseExpiresAt: number
 }
 
@@ -71,7 +75,8 @@ const remove = (flights: Map<string, Flight>, flight: Flight) => {
  */
 export const acquire = (
   storage: Storage.StorageService,
-  request: Storage.AcquireRequest
+  request: Storage.AcquireRequest,
+  sentAt: number
 ): Effect.Effect<Shared, IdempotencyStorageError> =>
   Effect.suspend(() => {
     const flights = flightsOf(storage)
@@ -89,7 +94,8 @@ export const acquire = (
       settled: undefined,
       acquiredSignal: undefined,
       settledListeners: undefined,
-      leaseExpiresAt: 0
+      // Counted from before the acquire was sent: the store's lease cannot end sooner.
+      leaseExpiresAt: sentAt + Duration.toMillis(request.lease)
     }
     flights.set(request.key, flight)
     return Effect.flatMap(Effect.exit(storage.acquire(request)), (exit) => {

@@ -3,7 +3,7 @@ import * as Either from "effect/Either"
 import * as Option from "effect/Option"
 import * as ParseResult from "effect/ParseResult"
 import * as Schema from "effect/Schema"
-import { IdempotencyStorageError } from "../IdempotencyError.js"
+import { IdempotencyRecordUndecodable, type IdempotencyStorageError } from "../IdempotencyError.js"
 import type { IdempotencyRecord, Outcome } from "../IdempotencyRecord.js"
 
 /**
@@ -16,7 +16,9 @@ export interface ResultCodec<A, E> {
   readonly encodeSuccess: (value: A) => Either.Either<Uint8Array, unknown>
   /** `None` when the failure is not one the caller asked to store: the key is then released. */
   readonly encodeFailure: (error: E) => Option.Option<Uint8Array>
-  readonly decode: (record: IdempotencyRecord) => Effect.Effect<A, E | IdempotencyStorageError>
+  readonly decode: (
+    record: IdempotencyRecord
+  ) => Effect.Effect<A, E | IdempotencyRecordUndecodable | IdempotencyStorageError>
 }
 
 const textEncoder = new TextEncoder()
@@ -54,10 +56,12 @@ const schemaCodec = (schema: AnySchema): SchemaCodec => {
 
 const identityCodec: SchemaCodec = { encode: Either.right, decode: Either.right }
 
+// A schema's own transformation may throw: that is an unencodable result, not a defect that
+// would leave the run half-finished.
 const encodeWith = (codec: SchemaCodec, value: unknown): Either.Either<Uint8Array, unknown> => {
-  const encoded = codec.encode(value)
-  if (Either.isLeft(encoded)) return Either.left(encoded.left)
   try {
+    const encoded = codec.encode(value)
+    if (Either.isLeft(encoded)) return Either.left(encoded.left)
     return Either.right(toBytes(encoded.right))
   } catch (error) {
     return Either.left(error)
@@ -67,15 +71,12 @@ const encodeWith = (codec: SchemaCodec, value: unknown): Either.Either<Uint8Arra
 const decodeWith = (
   codec: SchemaCodec,
   record: IdempotencyRecord
-): Either.Either<unknown, IdempotencyStorageError> => {
+): Either.Either<unknown, IdempotencyRecordUndecodable> => {
   try {
     const decoded = codec.decode(fromBytes(record.payload))
-    return Either.mapLeft(
-      decoded,
-      (cause) => new IdempotencyStorageError({ key: record.key, operation: "decode", cause })
-    )
+    return Either.mapLeft(decoded, (cause) => new IdempotencyRecordUndecodable({ key: record.key, cause }))
   } catch (cause) {
-    return Either.left(new IdempotencyStorageError({ key: record.key, operation: "decode", cause }))
+    return Either.left(new IdempotencyRecordUndecodable({ key: record.key, cause }))
   }
 }
 
@@ -107,9 +108,8 @@ export const fromSchemas = <A, E>(
       }
       if (failureCodec === undefined) {
         return Effect.fail(
-          new IdempotencyStorageError({
+          new IdempotencyRecordUndecodable({
             key: record.key,
-            operation: "decode",
             cause: new Error("a stored failure was found, but no `failure` schema was given to decode it")
           })
         )
