@@ -8,7 +8,8 @@ import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
 import * as Scope from "effect/Scope"
 import * as Stream from "effect/Stream"
-import { canonicalJson, sha256 } from "../fingerprint.js"
+import { sha256 } from "../fingerprint.js"
+import { canonicalize } from "./canonicalJson.js"
 
 /**
  * The request body is larger than `maxBodyBytes`.
@@ -146,16 +147,43 @@ const pathOf = (request: HttpServerRequest.HttpServerRequest) => {
   return queryStart === -1 ? url : url.slice(0, queryStart)
 }
 
-const isJson = (contentType: string) => {
+const isJson = (type: string) => type === "application/json" || type.endsWith("+json")
+
+// The `charset` parameter of a Content-Type, lowercased and unquoted, or `null`.
+const charsetOf = (contentType: string): string | null => {
+  for (const parameter of contentType.split(";").slice(1)) {
+    const equals = parameter.indexOf("=")
+    if (equals === -1 || parameter.slice(0, equals).trim().toLowerCase() !== "charset") continue
+    return parameter.slice(equals + 1).trim().replace(/^"(.*)"$/, "$1").toLowerCase()
+  }
+  return null
+}
+
+/**
+ * What of the body the fingerprint hashes. The media type is part of it (`application/json` and
+ * `application/merge-patch+json` ask for different things with the same bytes), as its essence
+ * (type/subtype, lowercased); the `charset` too for a body that is not JSON, since it changes what
+ * the bytes say (JSON is always UTF-8). A JSON body that is one clean document is hashed in its
+ * canonical form ({@link canonicalize}: member order and whitespace do not count, every other
+ * byte does); any other body byte for byte.
+ */
+const bodyPart = (contentType: string, body: Uint8Array | undefined): unknown => {
   const type = mediaType(contentType)
-  return type === "application/json" || type.endsWith("+json")
+  // A multipart body is not read; its boundary differs on every request, so only the media type counts.
+  if (body === undefined) return { unread: type }
+  if (body.length === 0) return null
+  if (isJson(type)) {
+    const canonical = canonicalize(body)
+    if (canonical !== undefined) return { type, json: sha256(canonical) }
+    return { type, bytes: sha256(body) }
+  }
+  return { type, charset: charsetOf(contentType), bytes: sha256(body) }
 }
 
 /**
  * The default fingerprint: method, path, query (parameters in name order, repeated names in
- * their order) and body. A JSON body is hashed as canonical JSON, so key order and whitespace do
- * not matter; any other body byte for byte. "No body" differs from every body, even an empty JSON
- * object.
+ * their order) and body, with its media type. "No body" differs from every body, even an empty
+ * JSON object.
  *
  * @internal
  */
@@ -168,21 +196,8 @@ export const defaultFingerprint = (
   const query = queryStart === -1
     ? []
     : [...new URLSearchParams(url.slice(queryStart + 1))].sort(([a], [b]) => a < b ? -1 : a > b ? 1 : 0)
-  let bodyPart: unknown = null
-  if (body === undefined) {
-    // A multipart body is not read; its boundary differs on every request, so only the media type counts.
-    bodyPart = { unread: mediaType(request.headers["content-type"] ?? "") }
-  } else if (body.length > 0) {
-    bodyPart = { sha256: sha256(body) }
-    if (isJson(request.headers["content-type"] ?? "")) {
-      try {
-        bodyPart = { json: canonicalJson(JSON.parse(textDecoder.decode(body))) }
-      } catch {
-        // Not valid JSON after all: its bytes are its fingerprint.
-      }
-    }
-  }
-  return sha256(JSON.stringify([request.method, pathOf(request), query, bodyPart]))
+  const part = bodyPart(request.headers["content-type"] ?? "", body)
+  return sha256(JSON.stringify([request.method, pathOf(request), query, part]))
 }
 
 /**
