@@ -300,6 +300,28 @@ export const conformance = <E>(
           expectAcquired(yield* acquireOnce(storage, key, "fp", longLease))
         }))
 
+      test("delete with a fence forgets only the completed record carrying it", (storage) =>
+        Effect.gen(function*() {
+          const key = uniqueKey("delete-fence")
+          const first = expectAcquired(yield* acquireOnce(storage, key, "fp", longLease))
+          assert.isTrue(yield* storage.commit(first, { outcome: "success", payload: bytes("1"), ttl }))
+          // Another fence: the record stays.
+          yield* storage.delete(key, first.fence + 1)
+          assert.strictEqual(Option.getOrThrow(yield* storage.read(key)).fence, first.fence)
+          yield* storage.delete(key, first.fence)
+          assert.isTrue(Option.isNone(yield* storage.read(key)))
+          // A lease taken since is not a completed record: the old fence leaves it alone.
+          const second = expectAcquired(yield* acquireOnce(storage, key, "fp", longLease))
+          yield* storage.delete(key, first.fence)
+          assert.strictEqual((yield* acquireOnce(storage, key, "fp", longLease))._tag, "InFlight")
+          assert.isTrue(yield* storage.commit(second, { outcome: "success", payload: bytes("2"), ttl }))
+          if (storage.capabilities.fencing) {
+            // So is a newer record: two callers that both drop an old record cannot drop the new one.
+            yield* storage.delete(key, first.fence)
+            assert.deepStrictEqual(Option.getOrThrow(yield* storage.read(key)).payload, bytes("2"))
+          }
+        }))
+
       test("values up to 1 MiB come back byte for byte, and an empty one too", (storage) =>
         Effect.gen(function*() {
           for (const size of [0, 1, 65_536, 1024 * 1024]) {
