@@ -13,18 +13,20 @@ import {
   Exit,
   Fiber,
   Layer,
+  Logger,
   Option,
   Redacted,
   Schedule,
   Scope
 } from "effect"
-import { Redis } from "ioredis"
+import { Redis, ReplyError } from "ioredis"
 import { createHash } from "node:crypto"
-import { createServer, type Server, type Socket } from "node:net"
+import { connect, createServer, type Server, type Socket } from "node:net"
 import { IdempotencyError, Idempotent, Storage } from "../src/index.js"
+import { isPermanent } from "../src/internal/redis/replies.js"
 import * as RedisStorage from "../src/Storage/Redis.js"
 import { failsWith, failureOf, successOf } from "./fixtures/Exits.js"
-import { freePorts, server } from "./fixtures/redisServers.js"
+import { freePorts, type RedisServer, server } from "./fixtures/redisServers.js"
 
 const { IdempotencyStorageError } = IdempotencyError
 
@@ -164,16 +166,76 @@ const elapsed = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
 
 const bytes = (text: string) => new TextEncoder().encode(text)
 
+const recordName = (prefix: string, key: string) => `${prefix}:{${createHash("sha256").update(key).digest("hex")}}`
+
+interface LogLine {
+  readonly level: string
+  readonly message: string
+  readonly annotations: Record<string, unknown>
+}
+
+/** Every line logged where `layer` is provided, kept instead of printed. */
+const capturedLogs = () => {
+  const lines: Array<LogLine> = []
+  const logger = Logger.make(({ annotations, logLevel, message }) => {
+    lines.push({
+      level: logLevel.label,
+      message: (Array.isArray(message) ? message : [message]).map(String).join(" "),
+      annotations: Object.fromEntries(annotations)
+    })
+  })
+  return { lines, layer: Logger.replace(Logger.defaultLogger, logger) }
+}
+
+const warnings = (lines: ReadonlyArray<LogLine>) => lines.filter((line) => line.level === "WARN")
+
+/** Waits until `replica` streams from `primary`: the primary counts it and the link is up. */
+const replicating = (primary: RedisServer, replicas: ReadonlyArray<RedisServer>) =>
+  Effect.gen(function*() {
+    const primaryClient = yield* admin(primary.url)
+    const replicaClients = yield* Effect.forEach(replicas, (replica) => admin(replica.url))
+    yield* eventually(
+      Effect.gen(function*() {
+        const info = yield* redisCall(() => primaryClient.info("replication"))
+        if (!info.includes(`connected_slaves:${replicas.length}`)) return yield* Effect.fail(new Error(info))
+        for (const client of replicaClients) {
+          const own = yield* redisCall(() => client.info("replication"))
+          if (!own.includes("master_link_status:up")) return yield* Effect.fail(new Error(own))
+        }
+      }),
+      "20 seconds"
+    )
+    return replicaClients
+  })
+
+/** Stops a process (SIGSTOP) for the life of the scope: it holds its connections and answers nothing. */
+const stalled = (pid: number) =>
+  Effect.acquireRelease(
+    Effect.sync(() => process.kill(pid, "SIGSTOP")),
+    () => Effect.sync(() => process.kill(pid, "SIGCONT"))
+  )
+
+/** Ids of the connections named `name`. */
+const connectionIds = (client: Redis, name: string) =>
+  Effect.map(
+    redisCall(() => client.client("LIST") as Promise<string>),
+    (list) =>
+      list.split("\n").filter((line) => line.includes(` name=${name} `)).map((line) => /^id=(\d+)/.exec(line)?.[1])
+  )
+
 describe("RedisStorage", () => {
   // Every key the tests write on the shared Redis is under this run's prefix.
   afterAll(() =>
     Effect.runPromise(Effect.scoped(Effect.flatMap(admin(url), (client) => deleteAll(client, `idem-test-${run}-*`))))
   )
 
-  it.scopedLive("the Redis at REDIS_URL answers (every other test needs it)", () =>
+  it.scopedLive("the Redis at REDIS_URL answers, at maxmemory-policy noeviction (every other test needs it)", () =>
     Effect.gen(function*() {
       const client = yield* admin(url)
       assert.strictEqual(yield* redisCall(() => client.ping()), "PONG")
+      // Any other policy makes every layer built on it fail: it could evict leases and records.
+      const policy = yield* redisCall(() => client.call("CONFIG", "GET", "maxmemory-policy") as Promise<Array<string>>)
+      assert.deepStrictEqual(policy, ["maxmemory-policy", "noeviction"])
     }))
 
   describe("layers", () => {
@@ -402,6 +464,7 @@ describe("RedisStorage", () => {
         const warmLease = yield* storage.acquire({ key: warmKey, fingerprint: "", lease: Duration.minutes(1) })
         if (warmLease._tag !== "Acquired") return assert.fail("expected Acquired")
         yield* steps(warmKey, warmLease.lease)
+        yield* storage.delete(warmKey, warmLease.lease.fence)
 
         const other = uniqueKey("steps")
         const acquired = yield* measure(storage.acquire({ key: other, fingerprint: "", lease: Duration.minutes(1) }))
@@ -411,8 +474,11 @@ describe("RedisStorage", () => {
         const released = yield* measure(storage.release(lease))
         const read = yield* measure(storage.read(key))
         const deleted = yield* measure(storage.delete(key))
+        const fenced = yield* measure(storage.delete(key, lease.fence))
         assert.isTrue(renewed.value && released.value && Option.isSome(read.value))
-        for (const step of [acquired, renewed, released, deleted]) assert.deepStrictEqual(step.commands, ["evalsha"])
+        for (const step of [acquired, renewed, released, deleted, fenced]) {
+          assert.deepStrictEqual(step.commands, ["evalsha"])
+        }
         assert.deepStrictEqual(read.commands, ["hmget"])
       }))
 
@@ -812,6 +878,374 @@ describe("RedisStorage", () => {
           assert.strictEqual(runs, 0)
         }),
       { timeout: 30_000 }
+    )
+  })
+
+  describe("delete by fence", () => {
+    it.scopedLive(
+      "delete with a fence drops only the completed record carrying it, and wakes waiters; a lease or another fence is left alone",
+      () =>
+        Effect.gen(function*() {
+          const client = yield* admin(url)
+          const prefix = uniquePrefix("fenced")
+          const storage = yield* Storage.Storage.pipe(
+            Effect.provide(yield* build(RedisStorage.layer({ url: Redacted.make(url), prefix })))
+          )
+          const key = uniqueKey("fenced")
+          const record = recordName(prefix, key)
+          const acquired = yield* storage.acquire({ key, fingerprint: "fp", lease: Duration.seconds(30) })
+          if (acquired._tag !== "Acquired") return assert.fail("expected Acquired")
+          const { lease } = acquired
+
+          // In flight: a fenced delete does not touch the lease, even with the lease's own fence.
+          yield* storage.delete(key, lease.fence)
+          assert.strictEqual(yield* redisCall(() => client.hget(record, "state")), "L")
+          const other = yield* storage.acquire({ key, fingerprint: "fp", lease: Duration.seconds(30) })
+          assert.strictEqual(other._tag, "InFlight")
+
+          assert.isTrue(
+            yield* storage.commit(lease, { outcome: "success", payload: bytes("1"), ttl: Duration.minutes(5) })
+          )
+          const changed = yield* storage.watch(key)
+          const waiter = yield* Effect.fork(changed)
+          // Another fence (an older or a newer record's): left alone, and nobody is woken.
+          yield* storage.delete(key, lease.fence + 1)
+          yield* storage.delete(key, lease.fence - 1)
+          assert.isTrue(Option.isSome(yield* storage.read(key)))
+          yield* Effect.sleep("200 millis")
+          assert.isTrue(Option.isNone(yield* Fiber.poll(waiter)), "woken by a delete that deleted nothing")
+
+          yield* storage.delete(key, lease.fence)
+          assert.isTrue(Option.isNone(yield* storage.read(key)))
+          assert.strictEqual(yield* redisCall(() => client.exists(record)), 0)
+          const woke = yield* Fiber.join(waiter).pipe(Effect.timeout("2 seconds"), Effect.exit)
+          assert.isTrue(Exit.isSuccess(woke), "the waiter was not woken by the fenced delete")
+          // The counter stays: the next owner gets a larger fence.
+          const next = yield* storage.acquire({ key, fingerprint: "fp", lease: Duration.seconds(30) })
+          if (next._tag !== "Acquired") return assert.fail(`expected Acquired, got ${next._tag}`)
+          assert.isAbove(next.lease.fence, lease.fence)
+        })
+    )
+  })
+
+  describe("setups that would void the guarantee", () => {
+    it.scopedLive(
+      "maxmemory-policy volatile-ttl or allkeys-lru fails the layer build (configure, RedisEvictionPolicyUnsafe), leaving no connection open",
+      () =>
+        Effect.gen(function*() {
+          for (const policy of ["volatile-ttl", "allkeys-lru"]) {
+            const redis = yield* server({ args: ["--maxmemory-policy", policy] })
+            const client = yield* admin(redis.url)
+            const name = `idem-test-evict-${Storage.makeToken().slice(0, 8)}`
+            const exit = yield* Effect.exit(
+              build(RedisStorage.layer({ url: Redacted.make(redis.url), options: { connectionName: name } }))
+            )
+            const error = failsWith(exit, IdempotencyStorageError)
+            assert.strictEqual(error.operation, "configure")
+            assert.isFalse(error.retryable)
+            assert.instanceOf(error.cause, RedisStorage.RedisEvictionPolicyUnsafe)
+            const cause = error.cause as RedisStorage.RedisEvictionPolicyUnsafe
+            assert.deepStrictEqual({ node: cause.node, policy: cause.policy }, {
+              node: `127.0.0.1:${redis.port}`,
+              policy
+            })
+            assert.include(error.message, `maxmemory-policy ${policy}`)
+            yield* expectCount(client, name, 0)
+          }
+        }),
+      { timeout: 30_000 }
+    )
+
+    it.scopedLive("with onEvictionRisk: \"warn\" it builds, warns once naming the node and policy, and runs", () =>
+      Effect.gen(function*() {
+        const redis = yield* server({ args: ["--maxmemory-policy", "volatile-lru"] })
+        const logs = capturedLogs()
+        const context = yield* build(
+          RedisStorage.layer({ url: Redacted.make(redis.url), onEvictionRisk: "warn" })
+        ).pipe(Effect.provide(logs.layer))
+        const warned = warnings(logs.lines)
+        assert.strictEqual(warned.length, 1, JSON.stringify(logs.lines))
+        assert.include(warned[0]!.message, "maxmemory-policy volatile-lru")
+        assert.deepStrictEqual(warned[0]!.annotations, { node: `127.0.0.1:${redis.port}`, policy: "volatile-lru" })
+        let runs = 0
+        const job = Effect.sync(() => ++runs).pipe(Idempotent.wrap({ key: uniqueKey("warn") }), Effect.provide(context))
+        assert.deepStrictEqual([yield* job, yield* job], [1, 1])
+      }))
+
+    it.scopedLive("at noeviction it builds without a warning", () =>
+      Effect.gen(function*() {
+        const redis = yield* server({ args: ["--maxmemory-policy", "noeviction"] })
+        const logs = capturedLogs()
+        yield* build(RedisStorage.layer({ url: Redacted.make(redis.url) })).pipe(Effect.provide(logs.layer))
+        assert.deepStrictEqual(warnings(logs.lines), [])
+      }))
+
+    it.scopedLive("where CONFIG is refused (renamed away), the policy is unknown: it warns and builds", () =>
+      Effect.gen(function*() {
+        const redis = yield* server({ args: ["--rename-command", "CONFIG", ""] })
+        const logs = capturedLogs()
+        const context = yield* build(RedisStorage.layer({ url: Redacted.make(redis.url) })).pipe(
+          Effect.provide(logs.layer)
+        )
+        const warned = warnings(logs.lines)
+        assert.strictEqual(warned.length, 1, JSON.stringify(logs.lines))
+        assert.include(warned[0]!.message, "cannot read maxmemory-policy")
+        assert.strictEqual(warned[0]!.annotations.node, `127.0.0.1:${redis.port}`)
+        assert.include(String(warned[0]!.annotations.cause), "unknown command")
+        const value = yield* Effect.succeed("ran").pipe(
+          Idempotent.wrap({ key: uniqueKey("refused") }),
+          Effect.provide(context)
+        )
+        assert.strictEqual(value, "ran")
+      }))
+
+    it.scopedLive(
+      "a result longer than proto-max-bulk-len is refused before it is sent (retryable: false): the connection stays, wrap does not retry",
+      () =>
+        Effect.gen(function*() {
+          const redis = yield* server({ args: ["--proto-max-bulk-len", "1mb"] })
+          const client = yield* admin(redis.url)
+          const name = `idem-test-bulk-${Storage.makeToken().slice(0, 8)}`
+          const context = yield* build(
+            RedisStorage.layer({ url: Redacted.make(redis.url), options: { connectionName: name } })
+          )
+          const storage = yield* Storage.Storage.pipe(Effect.provide(context))
+          const before = yield* connectionIds(client, name)
+          assert.strictEqual(before.length, 2)
+
+          const key = uniqueKey("bulk")
+          const acquired = yield* storage.acquire({ key, fingerprint: "", lease: Duration.seconds(30) })
+          if (acquired._tag !== "Acquired") return assert.fail("expected Acquired")
+          const large = new Uint8Array(2 * 1024 * 1024)
+          const refused = yield* Effect.exit(
+            storage.commit(acquired.lease, { outcome: "success", payload: large, ttl: Duration.minutes(1) })
+          )
+          const error = failsWith(refused, IdempotencyStorageError)
+          assert.strictEqual(error.operation, "commit")
+          assert.isFalse(error.retryable)
+          assert.instanceOf(error.cause, RedisStorage.RedisValueTooLarge)
+          const cause = error.cause as RedisStorage.RedisValueTooLarge
+          assert.deepStrictEqual({ bytes: cause.bytes, limit: cause.limit }, {
+            bytes: large.length,
+            limit: 1024 * 1024
+          })
+          // The same connection, usable at once: the commit that fits lands.
+          assert.isTrue(
+            yield* storage.commit(acquired.lease, { outcome: "success", payload: bytes("1"), ttl: Duration.minutes(1) })
+          )
+          assert.deepStrictEqual(yield* connectionIds(client, name), before)
+
+          // Through wrap: the run happened once, its result was not stored, and the commit was not
+          // retried for the rest of the 30 second lease.
+          let runs = 0
+          const { exit, millis } = yield* elapsed(
+            Effect.sync(() => {
+              runs++
+              return "x".repeat(2 * 1024 * 1024)
+            }).pipe(Idempotent.wrap({ key: uniqueKey("bulk-wrap"), lease: "30 seconds" }), Effect.provide(context))
+          )
+          const notStored = failsWith(exit, IdempotencyError.IdempotencyResultNotStored)
+          assert.strictEqual(notStored.reason, "storage-failed")
+          assert.strictEqual(runs, 1)
+          assert.isBelow(millis, 10_000)
+          assert.deepStrictEqual(yield* connectionIds(client, name), before)
+        }),
+      { timeout: 30_000 }
+    )
+
+    it.scopedLive(
+      "replies that retrying cannot change are retryable: false (an oversized bulk, WRONGTYPE); OOM is retryable",
+      () =>
+        Effect.gen(function*() {
+          // The reply Redis sends for a bulk longer than proto-max-bulk-len, read off a raw socket
+          // (the header alone, so nothing unread makes the server reset the connection first).
+          const redis = yield* server({ args: ["--proto-max-bulk-len", "1mb"] })
+          const reply = yield* Effect.async<string>((resume) => {
+            const socket = connect(redis.port, "127.0.0.1", () => socket.write("*2\r\n$4\r\nECHO\r\n$2097152\r\n"))
+            let received = ""
+            socket.on("data", (chunk) => {
+              received += chunk.toString("utf8")
+              const end = received.indexOf("\r\n")
+              if (end !== -1) {
+                socket.destroy()
+                resume(Effect.succeed(received.slice(0, end)))
+              }
+            })
+            socket.on("error", () => undefined)
+          })
+          assert.strictEqual(reply, "-ERR Protocol error: invalid bulk length")
+          assert.isTrue(isPermanent(new ReplyError(reply.slice(1))))
+          assert.isFalse(isPermanent(new Error(reply.slice(1))), "a connection error is not a reply")
+
+          // WRONGTYPE: the record's key holds something this library did not write.
+          const client = yield* admin(redis.url)
+          const prefix = uniquePrefix("wrongtype")
+          const storage = yield* Storage.Storage.pipe(
+            Effect.provide(yield* build(RedisStorage.layer({ url: Redacted.make(redis.url), prefix })))
+          )
+          const key = uniqueKey("wrongtype")
+          const acquired = yield* storage.acquire({ key, fingerprint: "", lease: Duration.seconds(30) })
+          if (acquired._tag !== "Acquired") return assert.fail("expected Acquired")
+          yield* redisCall(() => client.set(recordName(prefix, key), "not a hash"))
+          const wrongType = failsWith(
+            yield* Effect.exit(
+              storage.commit(acquired.lease, { outcome: "success", payload: bytes("1"), ttl: Duration.minutes(1) })
+            ),
+            IdempotencyStorageError
+          )
+          assert.include(wrongType.message, "WRONGTYPE")
+          assert.isFalse(wrongType.retryable)
+
+          // OOM: memory may be freed, so the commit may land when tried again.
+          const other = uniqueKey("oom")
+          const lease = yield* storage.acquire({ key: other, fingerprint: "", lease: Duration.seconds(30) })
+          if (lease._tag !== "Acquired") return assert.fail("expected Acquired")
+          yield* redisCall(() => client.config("SET", "maxmemory", "1"))
+          const oom = failsWith(
+            yield* Effect.exit(
+              storage.commit(lease.lease, { outcome: "success", payload: bytes("1"), ttl: Duration.minutes(1) })
+            ),
+            IdempotencyStorageError
+          )
+          assert.include(oom.message, "OOM")
+          assert.notStrictEqual(oom.retryable, false)
+          yield* redisCall(() => client.config("SET", "maxmemory", "0"))
+          assert.isTrue(
+            yield* storage.commit(lease.lease, { outcome: "success", payload: bytes("1"), ttl: Duration.minutes(1) })
+          )
+        }),
+      { timeout: 30_000 }
+    )
+
+    it.scopedLive("waitForReplicas is checked at build: a count below 1, or a timeout not shorter than timeout, is refused", () =>
+      Effect.gen(function*() {
+        const refused = (waitForReplicas: RedisStorage.RedisStorageOptions["waitForReplicas"]) =>
+          Effect.map(
+            Effect.exit(build(RedisStorage.layer({ url: Redacted.make(url), timeout: "1 second", waitForReplicas }))),
+            (exit) => {
+              const error = failsWith(exit, IdempotencyStorageError)
+              assert.strictEqual(error.operation, "configure")
+              assert.instanceOf(error.cause, IdempotencyError.IdempotencyOptionsInvalid)
+              return (error.cause as IdempotencyError.IdempotencyOptionsInvalid).option
+            }
+          )
+        assert.strictEqual(yield* refused({ count: 0 }), "waitForReplicas.count")
+        assert.strictEqual(yield* refused({ count: 1.5 }), "waitForReplicas.count")
+        assert.strictEqual(yield* refused({ count: 1, timeout: "1 second" }), "waitForReplicas.timeout")
+        assert.strictEqual(yield* refused({ count: 1, timeout: "0 millis" }), "waitForReplicas.timeout")
+      }))
+
+    it.scopedLive(
+      "waitForReplicas: a commit returns once the replica has the record; a stalled replica fails it (retryable) until it catches up",
+      () =>
+        Effect.gen(function*() {
+          const primary = yield* server()
+          const replica = yield* server({ args: ["--replicaof", "127.0.0.1", String(primary.port)] })
+          const [replicaClient] = yield* replicating(primary, [replica])
+          const prefix = "idem"
+          const context = yield* build(
+            RedisStorage.layer({
+              url: Redacted.make(primary.url),
+              prefix,
+              waitForReplicas: { count: 1, timeout: "1 second" }
+            })
+          )
+          const storage = yield* Storage.Storage.pipe(Effect.provide(context))
+
+          const key = uniqueKey("replicated")
+          assert.strictEqual(yield* Effect.succeed("ok").pipe(Idempotent.wrap({ key }), Effect.provide(context)), "ok")
+          // Read from the replica right after the commit returned: WAIT made sure it is there.
+          assert.strictEqual(yield* redisCall(() => replicaClient!.hget(recordName(prefix, key), "state")), "C")
+
+          // The replica stops answering: the commit lands on the primary, but WAIT is not acknowledged.
+          const stalledKey = uniqueKey("stalled")
+          const acquired = yield* storage.acquire({ key: stalledKey, fingerprint: "", lease: Duration.seconds(30) })
+          if (acquired._tag !== "Acquired") return assert.fail("expected Acquired")
+          const request = { outcome: "success", payload: bytes("1"), ttl: Duration.minutes(1) } as const
+          const pause = yield* Scope.make()
+          yield* Scope.extend(stalled(replica.pid()), pause)
+          const { exit, millis } = yield* elapsed(storage.commit(acquired.lease, request))
+          const error = failsWith(exit, IdempotencyStorageError)
+          assert.strictEqual(error.operation, "commit")
+          assert.isTrue(error.retryable)
+          assert.instanceOf(error.cause, RedisStorage.RedisReplicasNotAcknowledged)
+          const cause = error.cause as RedisStorage.RedisReplicasNotAcknowledged
+          assert.deepStrictEqual(
+            { required: cause.required, acknowledged: cause.acknowledged, timeoutMillis: cause.timeoutMillis },
+            { required: 1, acknowledged: 0, timeoutMillis: 1000 }
+          )
+          assert.isAtLeast(millis, 950)
+
+          // Through wrap, the commit is tried again while the lease holds: once the replica is
+          // back, it is acknowledged and the call succeeds; the effect ran once.
+          let runs = 0
+          const wrapKey = uniqueKey("stalled-wrap")
+          const call = yield* Effect.sync(() => ++runs).pipe(
+            Idempotent.wrap({ key: wrapKey, lease: "30 seconds" }),
+            Effect.provide(context),
+            Effect.fork
+          )
+          yield* Effect.sleep("3 seconds")
+          assert.isTrue(Option.isNone(yield* Fiber.poll(call)), "the call returned before any replica acknowledged")
+          yield* Scope.close(pause, Exit.void)
+          assert.strictEqual(successOf(yield* Fiber.await(call)), 1)
+          assert.strictEqual(runs, 1)
+          assert.strictEqual(yield* redisCall(() => replicaClient!.hget(recordName(prefix, wrapKey), "state")), "C")
+          // The storage-level commit, tried again, is acknowledged now too.
+          assert.isTrue(yield* eventually(storage.commit(acquired.lease, request), "10 seconds"))
+          assert.strictEqual(yield* redisCall(() => replicaClient!.hget(recordName(prefix, stalledKey), "state")), "C")
+        }),
+      { timeout: 60_000 }
+    )
+
+    it.scopedLive(
+      "waitForReplicas for 2 with one replica: the commit fails after the timeout, and wrap reports IdempotencyResultNotStored",
+      () =>
+        Effect.gen(function*() {
+          const primary = yield* server()
+          const replica = yield* server({ args: ["--replicaof", "127.0.0.1", String(primary.port)] })
+          yield* replicating(primary, [replica])
+          const context = yield* build(
+            RedisStorage.layer({
+              url: Redacted.make(primary.url),
+              timeout: "3 seconds",
+              waitForReplicas: { count: 2, timeout: "1 second" }
+            })
+          )
+          const storage = yield* Storage.Storage.pipe(Effect.provide(context))
+          const acquired = yield* storage.acquire({
+            key: uniqueKey("two"),
+            fingerprint: "",
+            lease: Duration.seconds(30)
+          })
+          if (acquired._tag !== "Acquired") return assert.fail("expected Acquired")
+          const { exit, millis } = yield* elapsed(
+            storage.commit(acquired.lease, { outcome: "success", payload: bytes("1"), ttl: Duration.minutes(1) })
+          )
+          const error = failsWith(exit, IdempotencyStorageError)
+          assert.isTrue(error.retryable)
+          const cause = error.cause as RedisStorage.RedisReplicasNotAcknowledged
+          assert.deepStrictEqual({ required: cause.required, acknowledged: cause.acknowledged }, {
+            required: 2,
+            acknowledged: 1
+          })
+          assert.isAtLeast(millis, 950)
+
+          let runs = 0
+          const wrapped = yield* elapsed(
+            Effect.sync(() => ++runs).pipe(
+              Idempotent.wrap({ key: uniqueKey("two-wrap"), lease: "5 seconds" }),
+              Effect.provide(context)
+            )
+          )
+          const notStored = failsWith(wrapped.exit, IdempotencyError.IdempotencyResultNotStored)
+          assert.strictEqual(notStored.reason, "storage-failed")
+          assert.strictEqual(runs, 1)
+          // Tried again while the lease held, not past it.
+          assert.isAtLeast(wrapped.millis, 950)
+          assert.isBelow(wrapped.millis, 5000 + 3000)
+        }),
+      { timeout: 60_000 }
     )
   })
 })

@@ -13,7 +13,30 @@
  *
  * The client's key is hashed, so no key a client sends can name anything else; all three names
  * share the hash tag `{h}`, so one key lives in one Redis Cluster slot. Needs Redis 7 or later
- * (`SPUBLISH`, `SSUBSCRIBE`).
+ * (`SPUBLISH`, `SSUBSCRIBE`, `CONFIG GET` of several parameters).
+ *
+ * What Redis itself must not do, and what the layer checks:
+ *
+ * - **Eviction.** A lease or record that Redis evicts under memory pressure is a key that runs
+ *   again. Every key here carries a TTL, so the `volatile-*` policies evict them as readily as the
+ *   `allkeys-*` ones (`volatile-ttl` takes in-flight leases first); only `noeviction` is safe.
+ *   At build the layer reads `maxmemory-policy` (`CONFIG GET`; on a Cluster, from every master)
+ *   and fails with `IdempotencyStorageError` (operation `configure`, cause
+ *   {@link RedisEvictionPolicyUnsafe}) when it is anything else, or only logs a warning with
+ *   `onEvictionRisk: "warn"`. Where `CONFIG` is refused (a managed Redis that renames or forbids
+ *   it), the policy is unknown: the layer logs a warning and builds. The check is made once; a
+ *   policy changed later goes unnoticed.
+ * - **Failover.** Replication is asynchronous: a primary that fails before its replicas have a
+ *   commit loses that record (the key runs again), and a fence counter that had not reached the
+ *   replica hands the same fence out twice. `waitForReplicas` sends `WAIT` after each commit and
+ *   reports the commit as failed until enough replicas acknowledge it, which narrows the window
+ *   for records. It does not close it: `WAIT` does not make Redis strongly consistent (a replica
+ *   that acknowledged can still lose the write, a failover may promote one that did not), and
+ *   leases and fences are not waited for.
+ * - **Value size.** Redis refuses a bulk string longer than `proto-max-bulk-len` (512 MB unless
+ *   lowered) and drops the connection that sent it. The layer reads the limit at build and fails
+ *   a commit of a larger result at once, without sending it, with `retryable: false`; a refusal
+ *   from Redis itself (the limit lowered later) is reported with `retryable: false` too.
  *
  * @since 0.1.0
  */
@@ -28,12 +51,14 @@ import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
 import * as Redacted from "effect/Redacted"
 import * as Runtime from "effect/Runtime"
+import * as Schema from "effect/Schema"
 import type * as Scope from "effect/Scope"
 import type { Cluster, RedisOptions } from "ioredis"
 import { Redis } from "ioredis"
-import { IdempotencyStorageError } from "../IdempotencyError.js"
+import { IdempotencyOptionsInvalid, IdempotencyStorageError } from "../IdempotencyError.js"
 import type { IdempotencyRecord } from "../IdempotencyRecord.js"
 import { keyDigest } from "../internal/fingerprint.js"
+import { isPermanent, isReplyError } from "../internal/redis/replies.js"
 import * as Storage from "../Storage.js"
 
 /**
@@ -69,6 +94,90 @@ export interface RedisStorageOptions {
   readonly prefix?: string | undefined
   /** The bound on connecting and on every storage call. Default 2 seconds. */
   readonly timeout?: Duration.DurationInput | undefined
+  /**
+   * What to do when `maxmemory-policy` lets Redis evict this library's keys (anything but
+   * `noeviction`, on any master): `"fail"` the layer build (the default), or only log a
+   * `"warn"`ing and build, for a Redis whose memory is known never to run out.
+   */
+  readonly onEvictionRisk?: "fail" | "warn" | undefined
+  /**
+   * Wait for replicas after each commit: `WAIT count timeout` on the connection that committed.
+   * When fewer than `count` replicas acknowledge within `timeout` (default half of `timeout`, and
+   * shorter than it), the commit fails with a retryable `IdempotencyStorageError` whose cause is
+   * {@link RedisReplicasNotAcknowledged}: `Idempotent.wrap` tries it again while its lease holds,
+   * then reports the result as not stored. The record may still be on the primary and be
+   * replayed from there. Costs one `WAIT` per first call and sends the commit script's text
+   * (`EVAL`) so that the two travel together.
+   */
+  readonly waitForReplicas?: {
+    readonly count: number
+    readonly timeout?: Duration.DurationInput | undefined
+  } | undefined
+}
+
+/**
+ * The cause of a layer build that failed because a Redis master's `maxmemory-policy` may evict
+ * this library's leases and records. Only `noeviction` keeps them.
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export class RedisEvictionPolicyUnsafe extends Schema.TaggedError<RedisEvictionPolicyUnsafe>(
+  "effect-idempotency/RedisEvictionPolicyUnsafe"
+)("RedisEvictionPolicyUnsafe", {
+  /** `host:port` of the server that answered. */
+  node: Schema.String,
+  policy: Schema.String
+}) {
+  /**
+   * @since 0.1.0
+   */
+  get message(): string {
+    return `Redis at ${this.node} has maxmemory-policy ${this.policy}, which may evict idempotency leases and ` +
+      `records (only noeviction keeps them); set it to noeviction, or pass onEvictionRisk: "warn"`
+  }
+}
+
+/**
+ * The cause of a commit that fewer replicas acknowledged than `waitForReplicas.count` asks for.
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export class RedisReplicasNotAcknowledged extends Schema.TaggedError<RedisReplicasNotAcknowledged>(
+  "effect-idempotency/RedisReplicasNotAcknowledged"
+)("RedisReplicasNotAcknowledged", {
+  required: Schema.Number,
+  acknowledged: Schema.Number,
+  timeoutMillis: Schema.Number
+}) {
+  /**
+   * @since 0.1.0
+   */
+  get message(): string {
+    return `${this.acknowledged} of ${this.required} replicas acknowledged the commit within ${this.timeoutMillis} ms`
+  }
+}
+
+/**
+ * The cause of a commit refused before it was sent: its payload is longer than the
+ * `proto-max-bulk-len` Redis reported at build. Retrying cannot fix it.
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export class RedisValueTooLarge extends Schema.TaggedError<RedisValueTooLarge>(
+  "effect-idempotency/RedisValueTooLarge"
+)("RedisValueTooLarge", {
+  bytes: Schema.Number,
+  limit: Schema.Number
+}) {
+  /**
+   * @since 0.1.0
+   */
+  get message(): string {
+    return `a ${this.bytes}-byte result exceeds Redis's proto-max-bulk-len of ${this.limit} bytes`
+  }
 }
 
 // Time after a key's last lease or record that its fence counter is kept. A counter that expires
@@ -147,7 +256,12 @@ local record = KEYS[1]
 -- 1 again instead of reporting the stored result as a lost lease.
 local held = redis.call("HMGET", record, "state", "token")
 if held[2] ~= ARGV[1] then return 0 end
-if held[1] == "C" then return 1 end
+if held[1] == "C" then
+  -- Written again, so that a WAIT after this retry (on a new connection, say) waits for a write
+  -- that replicas receive after the record's: their acknowledgement then covers the record too.
+  redis.call("HSET", record, "state", "C")
+  return 1
+end
 if held[1] ~= "L" then return 0 end
 local now = nowMillis()
 redis.call("HSET", record, "state", "C", "outcome", ARGV[2], "payload", ARGV[3],
@@ -166,8 +280,16 @@ redis.call("SPUBLISH", KEYS[1] .. ":changed", "R")
 return 1
 `
 
-/** KEYS: record. The fence counter stays, so fences keep growing after a delete. */
+/**
+ * KEYS: record. ARGV: fence, or nothing. With a fence, deletes only a completed record carrying
+ * it, so a lease or a newer record is left alone. The fence counter stays, so fences keep growing
+ * after a delete.
+ */
 const deleteScript = `
+if ARGV[1] then
+  local held = redis.call("HMGET", KEYS[1], "state", "fence")
+  if held[1] ~= "C" or held[2] ~= ARGV[1] then return 0 end
+end
 redis.call("DEL", KEYS[1])
 redis.call("SPUBLISH", KEYS[1] .. ":changed", "D")
 return 1
@@ -211,7 +333,7 @@ interface ScriptedClient {
     fenceKeepMillis: number
   ): Promise<number>
   effectIdempotencyRelease(record: string, token: string): Promise<number>
-  effectIdempotencyDelete(record: string): Promise<number>
+  effectIdempotencyDelete(record: string, ...fence: Array<string>): Promise<number>
   hmgetBuffer(record: string, ...fields: Array<string>): Promise<Array<Buffer | null>>
 }
 
@@ -269,6 +391,13 @@ const connectionDefaults = (timeoutMillis: number): RedisOptions => ({
   retryStrategy: (attempt) => Math.min(attempt * 100, 1000)
 })
 
+/** What `CONFIG GET` told about one master, or that it was refused. */
+type ServerSettings =
+  | { readonly node: string; readonly settings: ReadonlyMap<string, string> }
+  | { readonly node: string; readonly refused: string }
+
+const nodeName = (connection: Redis) => `${connection.options.host ?? "127.0.0.1"}:${connection.options.port ?? 6379}`
+
 interface Channel {
   readonly subscribed: Promise<void>
   readonly waiters: Set<Deferred.Deferred<void>>
@@ -299,8 +428,37 @@ export const make = (
       })
     }
 
+    const invalid = (option: string, detail: string) =>
+      new IdempotencyStorageError({
+        key: "",
+        operation: "configure",
+        retryable: false,
+        cause: new IdempotencyOptionsInvalid({ option, detail })
+      })
+    const replicas = options.waitForReplicas
+    const waitTimeout = Duration.decode(
+      replicas?.timeout ?? Duration.millis(Math.max(1, Math.floor(Duration.toMillis(timeout) / 2)))
+    )
+    // WAIT must answer within the bound of the call that sends it, or every commit would time out.
+    const waitMillis = Math.ceil(Duration.toMillis(waitTimeout))
+    if (replicas !== undefined) {
+      if (!Number.isSafeInteger(replicas.count) || replicas.count < 1) {
+        return yield* invalid("waitForReplicas.count", `must be a positive integer, got ${replicas.count}`)
+      }
+      if (!(waitMillis >= 1 && waitMillis < timeoutMillis)) {
+        return yield* invalid(
+          "waitForReplicas.timeout",
+          `must be at least 1 millisecond and shorter than timeout (${Duration.format(timeout)}), got ${
+            Duration.format(waitTimeout)
+          }`
+        )
+      }
+    }
+
     const failure = (operation: string, key: string) => (cause: unknown) =>
-      new IdempotencyStorageError({ key, operation, cause })
+      new IdempotencyStorageError(
+        isPermanent(cause) ? { key, operation, cause, retryable: false } : { key, operation, cause }
+      )
 
     // Every call is bounded here, so a client the user passed in cannot hang a caller either. The
     // bound is a plain timer on the promise rather than `Effect.timeout`: that forks two fibers per
@@ -386,6 +544,58 @@ export const make = (
       options.client === undefined ? [connect(client), connect(subscriber)] : [connect(subscriber)],
       { concurrency: "unbounded", discard: true }
     )
+
+    // One look at every master's settings. A refusal (a managed Redis that renames CONFIG, an ACL
+    // without it) leaves them unknown; no answer at all fails the build like a failed connect.
+    const masters = isCluster(client) ? client.nodes("master") : [client]
+    const looked: ReadonlyArray<ServerSettings> = yield* Effect.forEach(masters, (master) =>
+      call(
+        "configure",
+        "",
+        () => master.call("CONFIG", "GET", "maxmemory-policy", "proto-max-bulk-len") as Promise<Array<string>>
+      ).pipe(
+        Effect.map((reply): ServerSettings => {
+          const settings = new Map<string, string>()
+          for (let i = 0; i + 1 < reply.length; i += 2) settings.set(String(reply[i]), String(reply[i + 1]))
+          return { node: nodeName(master), settings }
+        }),
+        Effect.catchIf(
+          (error) => isReplyError(error.cause),
+          (error): Effect.Effect<ServerSettings> =>
+            Effect.succeed({ node: nodeName(master), refused: (error.cause as Error).message })
+        )
+      ), { concurrency: "unbounded" })
+
+    const onEvictionRisk = options.onEvictionRisk ?? "fail"
+    for (const master of looked) {
+      const policy = "settings" in master ? master.settings.get("maxmemory-policy") : undefined
+      if (policy === "noeviction") continue
+      if (policy === undefined) {
+        yield* Effect.logWarning(
+          "idempotency redis: cannot read maxmemory-policy; unless it is noeviction, Redis may evict leases and records"
+        ).pipe(
+          Effect.annotateLogs({ node: master.node, cause: "refused" in master ? master.refused : "not reported" })
+        )
+        continue
+      }
+      const unsafe = new RedisEvictionPolicyUnsafe({ node: master.node, policy })
+      if (onEvictionRisk === "fail") {
+        return yield* new IdempotencyStorageError({ key: "", operation: "configure", retryable: false, cause: unsafe })
+      }
+      yield* Effect.logWarning(`idempotency redis: ${unsafe.message}`).pipe(
+        Effect.annotateLogs({ node: master.node, policy })
+      )
+    }
+    if (masters.length === 0) {
+      yield* Effect.logWarning(
+        "idempotency redis: the cluster client knows no master yet; maxmemory-policy was not checked"
+      )
+    }
+    // The smallest limit any master reported: a larger payload is refused before it is sent.
+    const maxBulkBytes = looked.reduce((limit, master) => {
+      const value = "settings" in master ? Number(master.settings.get("proto-max-bulk-len")) : Number.NaN
+      return Number.isSafeInteger(value) && value > 0 ? Math.min(limit, value) : limit
+    }, Number.POSITIVE_INFINITY)
 
     const scripts = defineScripts(client)
     // A client's keyPrefix goes in front of keys, and of the channels it subscribes to, so the
@@ -508,21 +718,72 @@ export const make = (
       )
     }
 
+    // The script and WAIT go in one pipeline, so WAIT runs on the connection (and, on a Cluster,
+    // the master) that ran the commit. The script goes as EVAL: a pipelined EVALSHA answered
+    // NOSCRIPT would be sent again after the WAIT, which would then not cover it.
+    const commitAndWait = (
+      key: string,
+      count: number,
+      args: readonly [string, string, string, string, Buffer, number, number]
+    ) =>
+      Effect.flatMap(
+        call("commit", key, () =>
+          client.pipeline().eval(commitScript, 2, ...args).call("WAIT", count, waitMillis).exec()),
+        (replies): Effect.Effect<number, IdempotencyStorageError> => {
+          const [committed, waited] = replies ?? []
+          if (committed === undefined || waited === undefined) {
+            return unexpected("commit", key, replies)
+          }
+          if (committed[0] !== null) {
+            return Effect.fail(failure("commit", key)(committed[0]))
+          }
+          if (committed[1] !== 1) {
+            return Effect.succeed(0)
+          }
+          if (waited[0] !== null) {
+            return Effect.fail(failure("commit", key)(waited[0]))
+          }
+          const acknowledged = Number(waited[1])
+          return acknowledged >= count ? Effect.succeed(1) : Effect.fail(
+            new IdempotencyStorageError({
+              key,
+              operation: "commit",
+              retryable: true,
+              cause: new RedisReplicasNotAcknowledged({ required: count, acknowledged, timeoutMillis: waitMillis })
+            })
+          )
+        }
+      )
+
     const commit = (lease: Storage.Lease, request: Storage.CommitRequest) => {
       const { fence, record } = names(lease.key)
+      if (request.payload.byteLength > maxBulkBytes) {
+        return Effect.fail(
+          new IdempotencyStorageError({
+            key: lease.key,
+            operation: "commit",
+            retryable: false,
+            cause: new RedisValueTooLarge({ bytes: request.payload.byteLength, limit: maxBulkBytes })
+          })
+        )
+      }
       const payload = Buffer.from(request.payload.buffer, request.payload.byteOffset, request.payload.byteLength)
+      const args = [
+        record,
+        fence,
+        lease.token,
+        request.outcome,
+        payload,
+        expiryMillis(request.ttl),
+        fenceKeepMillis(request.ttl)
+      ] as const
       return Effect.map(
-        call("commit", lease.key, () =>
-          scripts.effectIdempotencyCommit(
-            record,
-            fence,
-            lease.token,
-            request.outcome,
-            payload,
-            expiryMillis(request.ttl),
-            fenceKeepMillis(request.ttl)
-          )),
-        (committed) => committed === 1
+        replicas === undefined
+          ? call("commit", lease.key, () =>
+            scripts.effectIdempotencyCommit(...args))
+          : commitAndWait(lease.key, replicas.count, args),
+        (committed) =>
+          committed === 1
       )
     }
 
@@ -550,7 +811,13 @@ export const make = (
       commit,
       release,
       read,
-      delete: (key) => Effect.asVoid(call("delete", key, () => scripts.effectIdempotencyDelete(names(key).record))),
+      delete: (key, fence) =>
+        Effect.asVoid(
+          call("delete", key, () =>
+            fence === undefined
+              ? scripts.effectIdempotencyDelete(names(key).record)
+              : scripts.effectIdempotencyDelete(names(key).record, String(fence)))
+        ),
       watch
     })
   })
