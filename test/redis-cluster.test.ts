@@ -5,12 +5,14 @@
  * then the tests below look at where the keys landed.
  */
 import { assert, layer } from "@effect/vitest"
-import { Context, Duration, Effect, Layer, RcRef, Scope } from "effect"
+import { Context, Duration, Effect, Layer, Logger, Option, RcRef, Scope } from "effect"
 import type { Redis } from "ioredis"
-import { randomUUID } from "node:crypto"
+import { createHash, randomUUID } from "node:crypto"
+import { IdempotencyStorageError } from "../src/IdempotencyError.js"
 import * as Storage from "../src/Storage.js"
 import * as RedisStorage from "../src/Storage/Redis.js"
 import { conformance } from "../src/testing.js"
+import { failsWith } from "./fixtures/Exits.js"
 import { clusterClient, plainClient, scanKeys, storageCallTimeout } from "./fixtures/redisClients.js"
 import * as RedisServers from "./fixtures/redisServers.js"
 
@@ -27,13 +29,13 @@ class TestCluster extends Context.Tag("test/TestCluster")<TestCluster, RedisServ
 const TestClusterLive = Layer.scoped(TestCluster, RcRef.get(clusterRef))
 
 /** A Redis storage on the cluster through its own ioredis `Cluster` client. */
-const clusterStorage = (prefix: string) =>
+const clusterStorage = (prefix: string, options?: Omit<RedisStorage.RedisStorageOptions, "client" | "prefix">) =>
   Layer.unwrapScoped(
     Effect.gen(function*() {
       const cluster = yield* RcRef.get(clusterRef)
       // Released after the storage layer built on it: the storage never closes a client it was given.
       const client = yield* clusterClient(cluster.nodes)
-      return RedisStorage.layer({ client, prefix, timeout: storageCallTimeout })
+      return RedisStorage.layer({ client, prefix, timeout: storageCallTimeout, ...options })
     })
   )
 
@@ -57,6 +59,23 @@ const keysByMaster = (masters: ReadonlyArray<Redis>, prefix: string) =>
   )
 
 const hashTag = (key: string): string | undefined => /\{([^{}]+)\}/.exec(key)?.[1]
+
+const bytes = (text: string) => new TextEncoder().encode(text)
+
+/** Calls of `command` so far, per master (`INFO commandstats`). */
+const callsPerMaster = (masters: ReadonlyArray<Redis>, command: string) =>
+  Effect.forEach(masters, (client) =>
+    Effect.map(
+      Effect.promise(() => client.info("commandstats")),
+      (text) => Number(new RegExp(`^cmdstat_${command}:calls=(\\d+)`, "m").exec(text)?.[1] ?? 0)
+    ))
+
+/** The master (index) that holds `name`; the others answer MOVED. */
+const masterOf = (masters: ReadonlyArray<Redis>, name: string) =>
+  Effect.map(
+    Effect.forEach(masters, (client) => Effect.promise(() => client.exists(name).catch(() => 0))),
+    (found) => found.findIndex((count) => count === 1)
+  )
 
 layer(TestClusterLive, { excludeTestServices: true, timeout: "60 seconds" })(
   "RedisStorage on a Redis Cluster",
@@ -129,6 +148,84 @@ layer(TestClusterLive, { excludeTestServices: true, timeout: "60 seconds" })(
         }
         // Hashed client keys, not the shared prefix, pick the slot.
         assert.isAbove(slotsSeen.size, 1, "all idempotency keys went to one slot")
+      }))
+
+    it.scoped("maxmemory-policy is read from every master: one at volatile-lru fails the build naming it, or warns", () =>
+      Effect.gen(function*() {
+        const cluster = yield* TestCluster
+        const masters = yield* masterClients
+        const last = masters[2]!
+        yield* Effect.acquireRelease(
+          Effect.promise(() => last.config("SET", "maxmemory-policy", "volatile-lru")),
+          () => Effect.promise(() => last.config("SET", "maxmemory-policy", "noeviction"))
+        )
+        const exit = yield* Effect.exit(Layer.build(clusterStorage(`cluster-evict-${run}`)))
+        const cause = failsWith(exit, IdempotencyStorageError).cause as RedisStorage.RedisEvictionPolicyUnsafe
+        assert.instanceOf(cause, RedisStorage.RedisEvictionPolicyUnsafe)
+        assert.deepStrictEqual({ node: cause.node, policy: cause.policy }, {
+          node: `127.0.0.1:${cluster.masters[2]!.port}`,
+          policy: "volatile-lru"
+        })
+
+        const warned: Array<string> = []
+        const logger = Logger.make(({ logLevel, message }) => {
+          if (logLevel.label === "WARN") warned.push((Array.isArray(message) ? message : [message]).join(" "))
+        })
+        yield* Layer.build(clusterStorage(`cluster-evict-${run}`, { onEvictionRisk: "warn" })).pipe(
+          Effect.provide(Logger.replace(Logger.defaultLogger, logger))
+        )
+        assert.strictEqual(warned.length, 1, warned.join("\n"))
+        assert.include(warned[0]!, `127.0.0.1:${cluster.masters[2]!.port}`)
+      }))
+
+    it.scoped("waitForReplicas on a cluster: WAIT runs on the master that holds the key, after the record landed there", () =>
+      Effect.gen(function*() {
+        const prefix = `cluster-wait-${run}`
+        const storage = Context.get(
+          yield* Layer.build(clusterStorage(prefix, { waitForReplicas: { count: 1, timeout: "200 millis" } })),
+          Storage.Storage
+        )
+        const masters = yield* masterClients
+        const holders = new Set<number>()
+        for (let i = 0; i < 12; i++) {
+          const key = `wait check ${i} ${randomUUID()}`
+          const acquired = yield* storage.acquire({ key, fingerprint: "", lease: Duration.seconds(30) })
+          if (acquired._tag !== "Acquired") return assert.fail(`expected Acquired, got ${acquired._tag}`)
+          const before = yield* callsPerMaster(masters, "wait")
+          const exit = yield* Effect.exit(
+            storage.commit(acquired.lease, { outcome: "success", payload: bytes("1"), ttl: Duration.minutes(10) })
+          )
+          const after = yield* callsPerMaster(masters, "wait")
+          // The masters have no replicas: none can acknowledge.
+          const cause = failsWith(exit, IdempotencyStorageError).cause as RedisStorage.RedisReplicasNotAcknowledged
+          assert.instanceOf(cause, RedisStorage.RedisReplicasNotAcknowledged)
+          assert.strictEqual(cause.acknowledged, 0)
+          const record = `${prefix}:{${createHash("sha256").update(key).digest("hex")}}`
+          const holder = yield* masterOf(masters, record)
+          assert.isAtLeast(holder, 0, "the record is on no master")
+          assert.deepStrictEqual(
+            after.map((calls, master) => calls - before[master]!),
+            masters.map((_, master) => master === holder ? 1 : 0)
+          )
+          assert.strictEqual(yield* Effect.promise(() => masters[holder]!.hget(record, "state")), "C")
+          holders.add(holder)
+        }
+        assert.isAbove(holders.size, 1, "every key landed on one master")
+      }))
+
+    it.scoped("delete with a fence on a cluster: the completed record with that fence goes, another fence stays", () =>
+      Effect.gen(function*() {
+        const storage = Context.get(yield* Layer.build(clusterStorage(`cluster-delete-${run}`)), Storage.Storage)
+        for (let i = 0; i < 6; i++) {
+          const key = `delete check ${i} ${randomUUID()}`
+          const acquired = yield* storage.acquire({ key, fingerprint: "", lease: Duration.seconds(30) })
+          if (acquired._tag !== "Acquired") return assert.fail(`expected Acquired, got ${acquired._tag}`)
+          yield* storage.commit(acquired.lease, { outcome: "success", payload: bytes("1"), ttl: Duration.minutes(10) })
+          yield* storage.delete(key, acquired.lease.fence + 1)
+          assert.isTrue(Option.isSome(yield* storage.read(key)))
+          yield* storage.delete(key, acquired.lease.fence)
+          assert.isTrue(Option.isNone(yield* storage.read(key)))
+        }
       }))
   }
 )
