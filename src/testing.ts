@@ -476,6 +476,28 @@ export const conformance = <E>(
           assert.strictEqual(runs, 2)
         }))
 
+      it.effect("keys are told apart as written: a lone surrogate is refused, U+FFFD is a key of its own", () =>
+        Effect.gen(function*() {
+          // UTF-8 turns a lone surrogate into U+FFFD: stored, "x\uD800" and "x\uFFFD" would be one record.
+          const base = uniqueKey("unicode")
+          for (const key of [`${base}\uD800`, `${base}\uDC00`]) {
+            const refused = yield* Effect.flip(Effect.succeed("surrogate").pipe(Idempotent.wrap({ key })))
+            assert.strictEqual(refused._tag, "IdempotencyKeyInvalid")
+          }
+          assert.strictEqual(
+            yield* Effect.succeed("replacement").pipe(Idempotent.wrap({ key: `${base}\uFFFD` })),
+            "replacement"
+          )
+          assert.strictEqual(
+            yield* Effect.succeed("emoji").pipe(Idempotent.wrap({ key: `${base}\uD83D\uDE00` })),
+            "emoji"
+          )
+          assert.strictEqual(
+            yield* Effect.succeed("again").pipe(Idempotent.wrap({ key: `${base}\uFFFD` })),
+            "replacement"
+          )
+        }))
+
       it.effect("waiters get the first run's result, whatever their number", () =>
         Effect.gen(function*() {
           const key = uniqueKey("waiters")
