@@ -232,9 +232,12 @@ const markerKey = (key: string) => `${key}\u001fin-flight`
  *   ends is interrupted and fails with `IdempotencyLeaseLost`. Choose a `lease` longer than the
  *   slowest run.
  * - **No fencing.** Every fence is `0`.
- * - **Commit is not owner-checked in one step.** It writes the record, then unlocks; a holder that
- *   overran its lease learns it from the unlock (`IdempotencyLeaseLost`) after its record was
- *   written.
+ * - **Commit is not owner-checked in one step.** It writes the record, then unlocks. So that a
+ *   holder never writes over a newer owner's record, `Idempotent.wrap` counts the lease from
+ *   before the acquire was sent, interrupts the run a safety margin (a fifth of the lease, at most
+ *   2 seconds) before the lock can expire, and does not start a commit past that point. What
+ *   remains is a commit that starts inside the margin and takes longer than the rest of it to
+ *   land: keep the store's latency well under the margin.
  * - **Waiting polls** every `pollInterval`.
  * - **More round trips.** Acquire reads the record, takes the lock, reads again (a commit may have
  *   landed in between), then writes an in-flight marker that carries the fingerprint.

@@ -2,7 +2,7 @@ import * as HttpServerResponse from "@effect/platform/HttpServerResponse"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import * as Option from "effect/Option"
-import { IdempotencyStorageError } from "../../IdempotencyError.js"
+import { IdempotencyRecordUndecodable } from "../../IdempotencyError.js"
 import type { IdempotencyRecord } from "../../IdempotencyRecord.js"
 import type { ResultCodec } from "../resultCodec.js"
 
@@ -131,10 +131,29 @@ export const toResponse = (stored: StoredResponse, replayHeader: string): HttpSe
   return response
 }
 
-// Framing: a version byte, the head's length (uint32, big endian), the head as JSON, then the raw
-// body bytes. The body is never base64'd or copied into JSON, so replaying a large binary body
-// costs one slice.
-const version = 1
+/**
+ * The stored form, format version 1:
+ *
+ * | bytes | what |
+ * | --- | --- |
+ * | 1 | the format version, `1` |
+ * | 4 | the head's length in bytes, unsigned, big endian |
+ * | head | a UTF-8 JSON object: `s` status, `t` status text (optional), `h` header pairs, `b` 1 when there is a body |
+ * | rest | the body bytes, as sent (never base64'd or copied into JSON: a replay costs one slice) |
+ *
+ * How the format evolves, so that instances of two versions can share a store during a rolling
+ * deploy:
+ *
+ * - a change an older reader may ignore (a new property in the head) keeps version 1: readers
+ *   read the properties they know and ignore the others (tested);
+ * - any other change takes a new version byte, and a reader refuses a version it does not know
+ *   with `IdempotencyRecordUndecodable` (the middleware answers 503 with `Retry-After`, so the
+ *   retry may reach an instance that reads it), never with a misread response. The head's length
+ *   prefix stays in every version, so a reader can always skip the head.
+ *
+ * @internal
+ */
+export const formatVersion = 1
 const headOffset = 5
 const textDecoder = new TextDecoder()
 
@@ -156,7 +175,7 @@ const encode = (stored: StoredResponse): Uint8Array => {
   const body = stored.body ?? new Uint8Array(0)
   const out = new Uint8Array(headOffset + headBytes.length + body.length)
   const view = new DataView(out.buffer)
-  view.setUint8(0, version)
+  view.setUint8(0, formatVersion)
   view.setUint32(1, headBytes.length)
   out.set(headBytes, headOffset)
   out.set(body, headOffset + headBytes.length)
@@ -166,7 +185,8 @@ const encode = (stored: StoredResponse): Uint8Array => {
 const isHead = (u: unknown): u is Head => {
   if (typeof u !== "object" || u === null) return false
   const head = u as Record<string, unknown>
-  return typeof head.s === "number" && (head.t === undefined || typeof head.t === "string") &&
+  return Number.isInteger(head.s) && (head.s as number) >= 100 && (head.s as number) <= 999 &&
+    (head.t === undefined || typeof head.t === "string") &&
     (head.b === 0 || head.b === 1) && Array.isArray(head.h) &&
     head.h.every((pair) =>
       Array.isArray(pair) && pair.length === 2 && typeof pair[0] === "string" && typeof pair[1] === "string"
@@ -174,7 +194,10 @@ const isHead = (u: unknown): u is Head => {
 }
 
 const decode = (payload: Uint8Array): StoredResponse => {
-  if (payload.length < headOffset || payload[0] !== version) throw new Error("not a stored HTTP response")
+  if (payload.length < headOffset) throw new Error("not a stored HTTP response")
+  if (payload[0] !== formatVersion) {
+    throw new Error(`the stored HTTP response has format version ${payload[0]}; this version reads ${formatVersion}`)
+  }
   const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength)
   const headEnd = headOffset + view.getUint32(1)
   if (headEnd > payload.length) throw new Error("the stored HTTP response is truncated")
@@ -188,13 +211,12 @@ const decode = (payload: Uint8Array): StoredResponse => {
   }
 }
 
-const decodeRecord = (record: IdempotencyRecord): Effect.Effect<StoredResponse, IdempotencyStorageError> =>
+const decodeRecord = (record: IdempotencyRecord): Effect.Effect<StoredResponse, IdempotencyRecordUndecodable> =>
   Effect.suspend(() => {
     if (record.outcome !== "success") {
       return Effect.fail(
-        new IdempotencyStorageError({
+        new IdempotencyRecordUndecodable({
           key: record.key,
-          operation: "decode",
           cause: new Error("the record holds a stored failure, not an HTTP response")
         })
       )
@@ -202,7 +224,7 @@ const decodeRecord = (record: IdempotencyRecord): Effect.Effect<StoredResponse, 
     try {
       return Effect.succeed(decode(record.payload))
     } catch (cause) {
-      return Effect.fail(new IdempotencyStorageError({ key: record.key, operation: "decode", cause }))
+      return Effect.fail(new IdempotencyRecordUndecodable({ key: record.key, cause }))
     }
   })
 
