@@ -6,9 +6,9 @@
  */
 import { HttpRouter, HttpServer, HttpServerResponse } from "@effect/platform"
 import { assert, describe, it } from "@effect/vitest"
-import { Deferred, Effect, Fiber, Tracer } from "effect"
+import { Deferred, type Duration, Effect, Fiber, type Layer, Tracer } from "effect"
 import * as IdempotencyMiddleware from "../src/Http/IdempotencyMiddleware.js"
-import { MemoryStorage } from "../src/index.js"
+import { IdempotencyError, Idempotent, MemoryStorage, type Storage } from "../src/index.js"
 import { headerLines, json, type Reply, send, sendRaw, startServer } from "./fixtures/Http.js"
 import { makeSlowSignals, type Mount, routes, Runs, serveWith, type SlowSignals } from "./fixtures/HttpApp.js"
 import { assertInFlight, assertReplayOf, coreScenarios } from "./fixtures/HttpScenarios.js"
@@ -310,14 +310,97 @@ describe("IdempotencyMiddleware on memory storage", () => {
         assert.strictEqual(runs.of("/unavailable"), 1)
       }))
 
-    it.scopedLive("the handler reads Idempotent.Execution: the fence of its run", () =>
+  })
+
+  describe("the handler's run (Idempotent.currentExecution)", () => {
+    it.scopedLive("a keyed POST: Some, with the key exactly as the client sent it and a fence", () =>
       Effect.gen(function*() {
         const runs = new Runs()
         const server = yield* start(runs)
-        const first = yield* send(server, "/fence", { key: "fence", body: order })
-        assert.isAbove(json(first).fence, 0)
-        assertReplayOf(yield* send(server, "/fence", { key: "fence", body: order }), first)
+        const key = "order-42:retry/1"
+        const first = yield* send(server, "/execution", { key, body: order })
+        const { execution } = json(first)
+        assert.strictEqual(execution.key, key)
+        assert.isAbove(execution.fence, 0)
+        assertReplayOf(yield* send(server, "/execution", { key, body: order }), first)
+        // A quoted key is the string inside the quotes.
+        const quoted = yield* send(server, "/execution", { key: String.raw`"say \"hi\""`, body: order })
+        assert.strictEqual(json(quoted).execution.key, "say \"hi\"")
       }))
+
+    it.scopedLive("a keyless POST, a GET and a GET with a key: None, and the handler answers 200", () =>
+      Effect.gen(function*() {
+        const runs = new Runs()
+        for (const required of [false, true]) {
+          const server = yield* start(runs, { required })
+          const keyless = yield* send(server, "/execution", { body: order })
+          if (!required) {
+            assert.strictEqual(keyless.status, 200)
+            assert.isNull(json(keyless).execution)
+          }
+          const get = yield* send(server, "/execution", { method: "GET" })
+          const keyedGet = yield* send(server, "/execution", { method: "GET", key: "g" })
+          assert.deepStrictEqual([get.status, keyedGet.status], [200, 200])
+          assert.deepStrictEqual([json(get).execution, json(keyedGet).execution], [null, null])
+        }
+      }))
+
+    it("a handler that requires Idempotent.Execution cannot be served through the middleware", () => {
+      type Servable = Layer.Layer<never, never, HttpServer.HttpServer | HttpRouter.HttpRouter.DefaultServices | Storage>
+      const needsExecution = HttpServer.serve(
+        HttpRouter.empty.pipe(
+          HttpRouter.post("/x", Effect.map(Idempotent.Execution, ({ fence }) => HttpServerResponse.unsafeJson({ fence }))),
+          HttpRouter.use(IdempotencyMiddleware.make())
+        )
+      )
+      // @ts-expect-error `Execution` stays a requirement: no request without a run could meet it.
+      const refused: Servable = needsExecution
+      const readsOption = HttpServer.serve(
+        HttpRouter.empty.pipe(
+          HttpRouter.post("/x", Effect.map(Idempotent.currentExecution, (run) => HttpServerResponse.text(String(run)))),
+          HttpRouter.use(IdempotencyMiddleware.make())
+        )
+      )
+      const served: Servable = readsOption
+      assert.isDefined(refused)
+      assert.isDefined(served)
+    })
+  })
+
+  describe("options", () => {
+    const refused: ReadonlyArray<readonly [string, IdempotencyMiddleware.IdempotencyMiddlewareOptions]> = [
+      ["lease", { lease: 0 }],
+      ["lease", { lease: "-1 second" as Duration.DurationInput }],
+      ["ttl", { ttl: "1 second", lease: "30 seconds" }],
+      ["onInFlight", { onInFlight: { wait: "soon" as Duration.DurationInput } }],
+      ["maxBodyBytes", { maxBodyBytes: 0 }],
+      ["maxBodyBytes", { maxBodyBytes: -1 }],
+      ["maxBodyBytes", { maxBodyBytes: 1.5 }],
+      ["maxBodyBytes", { maxBodyBytes: Number.NaN }],
+      ["maxResponseBytes", { maxResponseBytes: 0 }],
+      ["maxKeyLength", { maxKeyLength: 0 }],
+      ["header", { header: "Idempotency Key" }],
+      ["replayHeader", { replayHeader: "" }],
+      ["credentialHeaders", { credentialHeaders: ["authorization", "x-api key"] }],
+      ["onUndecodable", { onUndecodable: "retry" as "run" }]
+    ]
+    for (const [option, options] of refused) {
+      it(`make throws IdempotencyOptionsInvalid for ${option}: ${JSON.stringify(options)}`, () => {
+        try {
+          IdempotencyMiddleware.make(options)
+          assert.fail("make accepted the options")
+        } catch (error) {
+          assert.instanceOf(error, IdempotencyError.IdempotencyOptionsInvalid)
+          assert.strictEqual((error as IdempotencyError.IdempotencyOptionsInvalid).option, option)
+        }
+      })
+    }
+
+    it("make accepts a ttl equal to the lease and limits of Infinity", () => {
+      assert.isFunction(
+        IdempotencyMiddleware.make({ ttl: "30 seconds", lease: "30 seconds", maxResponseBytes: Infinity })
+      )
+    })
   })
 
   it.scopedLive("its span names the outcome and the scoped key's hash, never the key", () =>
