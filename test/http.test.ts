@@ -6,10 +6,11 @@
  */
 import { HttpRouter, HttpServer, HttpServerResponse } from "@effect/platform"
 import { assert, describe, it } from "@effect/vitest"
-import { Deferred, type Duration, Effect, Fiber, type Layer, Tracer } from "effect"
+import { Deferred, type Duration, Effect, Fiber, Layer, Tracer } from "effect"
 import * as IdempotencyMiddleware from "../src/Http/IdempotencyMiddleware.js"
-import { IdempotencyError, Idempotent, MemoryStorage, type Storage } from "../src/index.js"
-import { headerLines, json, type Reply, send, sendRaw, startServer } from "./fixtures/Http.js"
+import { IdempotencyError, Idempotent, MemoryStorage, Storage } from "../src/index.js"
+import { counted } from "./fixtures/CountingStorage.js"
+import { eventually, headerLines, json, type Reply, send, sendRaw, startServer } from "./fixtures/Http.js"
 import { makeSlowSignals, type Mount, routes, Runs, serveWith, type SlowSignals } from "./fixtures/HttpApp.js"
 import { assertInFlight, assertReplayOf, coreScenarios } from "./fixtures/HttpScenarios.js"
 
@@ -170,6 +171,107 @@ describe("IdempotencyMiddleware on memory storage", () => {
         assert.deepStrictEqual([runs.of("/orders"), runs.of("/payments")], [1, 1])
       }))
 
+    const alice = { authorization: "Bearer alice-token" }
+    const bob = { authorization: "Bearer bob-token" }
+
+    it.scopedLive("Bob sending Alice's key and body runs the handler himself, never seeing her response", () =>
+      Effect.gen(function*() {
+        const runs = new Runs()
+        const server = yield* start(runs)
+        const first = yield* send(server, "/private", { key: "k", body: order, headers: alice })
+        const bobs = yield* send(server, "/private", { key: "k", body: order, headers: bob })
+        assert.strictEqual(runs.of("/private"), 2)
+        assert.strictEqual(bobs.status, 201)
+        assert.isNull(bobs.headers.get("idempotent-replayed"))
+        assert.deepStrictEqual(json(bobs), { n: 2, for: "Bearer bob-token" })
+        assert.strictEqual(bobs.headers.get("x-owner-secret"), "secret-of-run-2")
+        // Each one's retry replays their own.
+        const aliceAgain = yield* send(server, "/private", { key: "k", body: order, headers: alice })
+        assertReplayOf(aliceAgain, first)
+        assert.strictEqual(aliceAgain.headers.get("x-owner-secret"), "secret-of-run-1")
+        assertReplayOf(yield* send(server, "/private", { key: "k", body: order, headers: bob }), bobs)
+        assert.strictEqual(runs.of("/private"), 2)
+      }))
+
+    it.scopedLive("a 409 and a 422 never cross callers either", () =>
+      Effect.gen(function*() {
+        const runs = new Runs()
+        const slow = yield* makeSlowSignals
+        const server = yield* start(runs, undefined, "HttpRouter.use", slow)
+        const alices = yield* Effect.fork(send(server, "/slow", { key: "busy", body: order, headers: alice }))
+        yield* Deferred.await(slow.started)
+        // Bob's own run of the key starts (and, on this route, waits for the same release).
+        const bobs = yield* Effect.fork(send(server, "/slow", { key: "busy", body: order, headers: bob }))
+        yield* eventually(() => slow.events.filter((event) => event === "started").length === 2, "Bob's run to start")
+        yield* Deferred.succeed(slow.release, undefined)
+        assert.deepStrictEqual([(yield* Fiber.join(alices)).status, (yield* Fiber.join(bobs)).status], [201, 201])
+        assert.strictEqual(runs.of("/slow"), 2)
+        // Alice used the key with one body; Bob's other body under it is his first use.
+        yield* send(server, "/payments", { key: "reuse", body: order, headers: alice })
+        const other = yield* send(server, "/payments", { key: "reuse", body: "{}", headers: bob })
+        assert.strictEqual(other.status, 201)
+        assert.strictEqual(runs.of("/payments"), 2)
+      }))
+
+    it.scopedLive("Cookie counts as a credential; the same credentials replay; no credentials share", () =>
+      Effect.gen(function*() {
+        const runs = new Runs()
+        const server = yield* start(runs)
+        const a = yield* send(server, "/private", { key: "c", body: order, headers: { cookie: "session=a" } })
+        const b = yield* send(server, "/private", { key: "c", body: order, headers: { cookie: "session=b" } })
+        assert.deepStrictEqual([json(a).n, json(b).n], [1, 2])
+        assertReplayOf(yield* send(server, "/private", { key: "c", body: order, headers: { cookie: "session=a" } }), a)
+        const anonymous = yield* send(server, "/private", { key: "anon", body: order })
+        assertReplayOf(yield* send(server, "/private", { key: "anon", body: order }), anonymous)
+        assert.strictEqual(runs.of("/private"), 3)
+      }))
+
+    it.scopedLive("credentialHeaders chooses the headers; their values never reach the store or the logs", () =>
+      Effect.gen(function*() {
+        const runs = new Runs()
+        const keys: Array<string> = []
+        const recording = Layer.effect(
+          Storage.Storage,
+          Effect.map(Storage.Storage, (inner) =>
+            counted(inner, {
+              acquire: (request) => Effect.suspend(() => (keys.push(request.key), inner.acquire(request)))
+            }).storage)
+        ).pipe(Layer.provide(MemoryStorage.layer()))
+        const server = yield* startServer(
+          serveWith("HttpRouter.use", routes(runs), { credentialHeaders: ["X-Api-Key"] }),
+          recording
+        )
+        const one = yield* send(server, "/private", {
+          key: "h",
+          body: order,
+          headers: { "x-api-key": "key-one", ...alice }
+        })
+        const two = yield* send(server, "/private", {
+          key: "h",
+          body: order,
+          headers: { "x-api-key": "key-two", ...alice }
+        })
+        assert.deepStrictEqual([json(one).n, json(two).n], [1, 2])
+        // Authorization is not named, so it does not count.
+        assertReplayOf(
+          yield* send(server, "/private", { key: "h", body: order, headers: { "x-api-key": "key-one", ...bob } }),
+          one
+        )
+        assert.strictEqual(keys.length, 3)
+        for (const text of [...keys, ...server.logs]) {
+          for (const secret of ["key-one", "key-two", "alice-token", "bob-token"]) assert.notInclude(text, secret)
+        }
+      }))
+
+    it.scopedLive("with scope given, scope decides: one tenant's callers share a record", () =>
+      Effect.gen(function*() {
+        const runs = new Runs()
+        const server = yield* start(runs, { scope: () => Effect.succeed("tenant-1") })
+        const first = yield* send(server, "/private", { key: "t", body: order, headers: alice })
+        assertReplayOf(yield* send(server, "/private", { key: "t", body: order, headers: bob }), first)
+        assert.strictEqual(runs.of("/private"), 1)
+      }))
+
     it.scopedLive("one key for two tenants runs twice; for one tenant on one route, once", () =>
       Effect.gen(function*() {
         const runs = new Runs()
@@ -309,7 +411,6 @@ describe("IdempotencyMiddleware on memory storage", () => {
         assertReplayOf(yield* send(everything, "/unavailable", { key: "u", body: order }), failed)
         assert.strictEqual(runs.of("/unavailable"), 1)
       }))
-
   })
 
   describe("the handler's run (Idempotent.currentExecution)", () => {
@@ -346,10 +447,17 @@ describe("IdempotencyMiddleware on memory storage", () => {
       }))
 
     it("a handler that requires Idempotent.Execution cannot be served through the middleware", () => {
-      type Servable = Layer.Layer<never, never, HttpServer.HttpServer | HttpRouter.HttpRouter.DefaultServices | Storage>
+      type Servable = Layer.Layer<
+        never,
+        never,
+        HttpServer.HttpServer | HttpRouter.HttpRouter.DefaultServices | Storage.Storage
+      >
       const needsExecution = HttpServer.serve(
         HttpRouter.empty.pipe(
-          HttpRouter.post("/x", Effect.map(Idempotent.Execution, ({ fence }) => HttpServerResponse.unsafeJson({ fence }))),
+          HttpRouter.post(
+            "/x",
+            Effect.map(Idempotent.Execution, ({ fence }) => HttpServerResponse.unsafeJson({ fence }))
+          ),
           HttpRouter.use(IdempotencyMiddleware.make())
         )
       )
