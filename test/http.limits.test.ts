@@ -3,8 +3,10 @@
  * fails, a lease lost mid-run. Each is refused with a problem and the handler does not run (or,
  * for the lost lease, its response is not stored).
  */
+import { HttpServerRequest, HttpServerResponse } from "@effect/platform"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Layer } from "effect"
+import * as IdempotencyMiddleware from "../src/Http/IdempotencyMiddleware.js"
 import { ProblemType } from "../src/Http/IdempotencyMiddleware.js"
 import { IdempotencyError, MemoryStorage, Storage } from "../src/index.js"
 import { counted } from "./fixtures/CountingStorage.js"
@@ -50,6 +52,45 @@ describe("IdempotencyMiddleware limits", () => {
       assert.strictEqual(runs.total, 0)
       const ok = yield* send(server, "/orders", { key: "small", body: JSON.stringify({ sku: "tea" }) })
       assert.strictEqual(ok.status, 201)
+    }))
+})
+
+describe("IdempotencyMiddleware and bodies it cannot read", () => {
+  it.effect("a body whose stream fails mid-way: 400 body-unreadable problem, handler not run", () =>
+    Effect.gen(function*() {
+      const runs = new Runs()
+      // Node's own parser answers a cut-off body before the app sees it; a body stream that
+      // fails (another platform, a proxy) reaches the middleware, which answers with a problem.
+      const failing = new ReadableStream<Uint8Array>({
+        start: (controller) => {
+          controller.enqueue(new TextEncoder().encode("{\"sku\":"))
+          controller.error(new Error("connection reset"))
+        }
+      })
+      const request = HttpServerRequest.fromWeb(
+        new Request("http://127.0.0.1/orders", {
+          method: "POST",
+          headers: { "idempotency-key": "cut", "content-type": "application/json" },
+          body: failing,
+          duplex: "half"
+        } as RequestInit)
+      )
+      const app = IdempotencyMiddleware.make()(
+        Effect.sync(() => (runs.count("/orders"), HttpServerResponse.empty({ status: 201 })))
+      )
+      const response = yield* app.pipe(
+        Effect.provideService(HttpServerRequest.HttpServerRequest, request),
+        Effect.provide(MemoryStorage.layer()),
+        Effect.scoped
+      )
+      assert.strictEqual(response.status, 400)
+      assert.strictEqual(response.headers["content-type"], "application/problem+json")
+      const body = response.body
+      assert.strictEqual(body._tag, "Uint8Array")
+      if (body._tag === "Uint8Array") {
+        assert.strictEqual(JSON.parse(new TextDecoder().decode(body.body)).type, ProblemType.BodyUnreadable)
+      }
+      assert.strictEqual(runs.total, 0)
     }))
 })
 
