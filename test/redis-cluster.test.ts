@@ -167,15 +167,14 @@ layer(TestClusterLive, { excludeTestServices: true, timeout: "60 seconds" })(
           policy: "volatile-lru"
         })
 
-        const warned: Array<string> = []
-        const logger = Logger.make(({ logLevel, message }) => {
-          if (logLevel.label === "WARN") warned.push((Array.isArray(message) ? message : [message]).join(" "))
+        const warned: Array<Record<string, unknown>> = []
+        const logger = Logger.make(({ annotations, logLevel }) => {
+          if (logLevel.label === "WARN") warned.push(Object.fromEntries(annotations))
         })
         yield* Layer.build(clusterStorage(`cluster-evict-${run}`, { onEvictionRisk: "warn" })).pipe(
           Effect.provide(Logger.replace(Logger.defaultLogger, logger))
         )
-        assert.strictEqual(warned.length, 1, warned.join("\n"))
-        assert.include(warned[0]!, `127.0.0.1:${cluster.masters[2]!.port}`)
+        assert.deepStrictEqual(warned, [{ node: `127.0.0.1:${cluster.masters[2]!.port}`, policy: "volatile-lru" }])
       }))
 
     it.scoped("waitForReplicas on a cluster: WAIT runs on the master that holds the key, after the record landed there", () =>

@@ -405,7 +405,10 @@ interface Channel {
 
 /**
  * Builds a Redis storage whose connections live as long as the scope. Fails with
- * `IdempotencyStorageError` (operation `connect`) when Redis cannot be reached within `timeout`.
+ * `IdempotencyStorageError`: operation `connect` when Redis cannot be reached within `timeout`;
+ * operation `configure` for a prefix holding `{` or `}`, invalid `waitForReplicas` (cause
+ * `IdempotencyOptionsInvalid`), or a `maxmemory-policy` that may evict keys (cause
+ * {@link RedisEvictionPolicyUnsafe}, unless `onEvictionRisk: "warn"`).
  *
  * @since 0.1.0
  * @category Constructors
@@ -439,12 +442,12 @@ export const make = (
     const waitTimeout = Duration.decode(
       replicas?.timeout ?? Duration.millis(Math.max(1, Math.floor(Duration.toMillis(timeout) / 2)))
     )
-    // WAIT must answer within the bound of the call that sends it, or every commit would time out.
     const waitMillis = Math.ceil(Duration.toMillis(waitTimeout))
     if (replicas !== undefined) {
       if (!Number.isSafeInteger(replicas.count) || replicas.count < 1) {
         return yield* invalid("waitForReplicas.count", `must be a positive integer, got ${replicas.count}`)
       }
+      // WAIT must answer within the bound of the call that sends it, or every commit would time out.
       if (!(waitMillis >= 1 && waitMillis < timeoutMillis)) {
         return yield* invalid(
           "waitForReplicas.timeout",
@@ -578,13 +581,17 @@ export const make = (
         )
         continue
       }
-      const unsafe = new RedisEvictionPolicyUnsafe({ node: master.node, policy })
-      if (onEvictionRisk === "fail") {
-        return yield* new IdempotencyStorageError({ key: "", operation: "configure", retryable: false, cause: unsafe })
+      if (onEvictionRisk !== "warn") {
+        return yield* new IdempotencyStorageError({
+          key: "",
+          operation: "configure",
+          retryable: false,
+          cause: new RedisEvictionPolicyUnsafe({ node: master.node, policy })
+        })
       }
-      yield* Effect.logWarning(`idempotency redis: ${unsafe.message}`).pipe(
-        Effect.annotateLogs({ node: master.node, policy })
-      )
+      yield* Effect.logWarning(
+        `idempotency redis: maxmemory-policy ${policy} may evict leases and records (only noeviction keeps them)`
+      ).pipe(Effect.annotateLogs({ node: master.node, policy }))
     }
     if (masters.length === 0) {
       yield* Effect.logWarning(
