@@ -337,75 +337,66 @@ const membersInOrder = (body: Uint8Array, tape: Int32Array, token: number): Arra
 }
 
 /**
- * Prints the tape. A stack of open containers, not recursion: an array's frame is where its next
- * item is, an object's the member names in order and how many are printed.
+ * Prints the tape. A stack of open containers, not recursion: three integers per container (for
+ * an array: the tape position of its next item, of its first item, and where it ends; for an
+ * object: the index of its next member in its order, then -1, -1), and the member order of each
+ * open object.
  */
 const print = (body: Uint8Array, tape: Int32Array): Uint8Array | undefined => {
   const out = new Output(body.length)
-  // Per open container: the tape position of its next item (array) or the index of its next
-  // member in its order (object); an array's first item and end.
-  const next = new Ints(64)
-  const firsts = new Ints(64)
-  const ends = new Ints(64)
-  const orders: Array<Array<number> | undefined> = []
+  const frames = new Ints(64 * 3)
+  const orders: Array<Array<number>> = []
 
   // Prints a scalar, or opens a container; `false` when the body turns out not to be clean.
   const value = (token: number): boolean => {
-    switch (tape[token]) {
-      case Token.Plain:
-        out.copy(body, tape[token + 1]!, tape[token + 2]!)
-        return true
-      case Token.Escaped:
-        return printString(body, tape, token, out)
-      case Token.Array:
-        out.byte(Byte.OpenBracket)
-        next.push(token + width)
-        firsts.push(token + width)
-        ends.push(tape[token + 1]!)
-        orders.push(undefined)
-        return true
-      default: {
-        const order = membersInOrder(body, tape, token)
-        if (order === undefined) return false
-        out.byte(Byte.OpenBrace)
-        next.push(0)
-        firsts.push(-1)
-        ends.push(-1)
-        orders.push(order)
-        return true
-      }
+    const kind = tape[token]
+    if (kind === Token.Plain) {
+      out.copy(body, tape[token + 1]!, tape[token + 2]!)
+      return true
     }
+    if (kind === Token.Escaped) return printString(body, tape, token, out)
+    if (kind === Token.Array) {
+      out.byte(Byte.OpenBracket)
+      frames.push(token + width)
+      frames.push(token + width)
+      frames.push(tape[token + 1]!)
+      return true
+    }
+    const order = membersInOrder(body, tape, token)
+    if (order === undefined) return false
+    out.byte(Byte.OpenBrace)
+    frames.push(0)
+    frames.push(-1)
+    frames.push(-1)
+    orders.push(order)
+    return true
   }
 
   if (!value(0)) return undefined
-  while (next.length > 0) {
-    const top = next.length - 1
-    const order = orders[top]
-    if (order === undefined) {
-      const item = next.data[top]!
-      const end = ends.data[top]!
+  while (frames.length > 0) {
+    const top = frames.length - 3
+    const data = frames.data
+    const end = data[top + 2]!
+    if (end !== -1) {
+      const item = data[top]!
       if (item === end) {
         out.byte(Byte.CloseBracket)
-        next.length--
-        firsts.length--
-        ends.length--
-        orders.pop()
+        frames.length = top
         continue
       }
-      if (item !== firsts.data[top]) out.byte(Byte.Comma)
-      next.data[top] = after(tape, item)
+      if (item !== data[top + 1]) out.byte(Byte.Comma)
+      data[top] = after(tape, item)
       if (!value(item)) return undefined
     } else {
-      const index = next.data[top]!
+      const order = orders[orders.length - 1]!
+      const index = data[top]!
       if (index === order.length) {
         out.byte(Byte.CloseBrace)
-        next.length--
-        firsts.length--
-        ends.length--
+        frames.length = top
         orders.pop()
         continue
       }
-      next.data[top] = index + 1
+      data[top] = index + 1
       if (index > 0) out.byte(Byte.Comma)
       const name = order[index]!
       if (!printString(body, tape, name, out)) return undefined
