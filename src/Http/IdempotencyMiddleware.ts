@@ -582,7 +582,11 @@ export const make = <E2 = never, R2 = never>(
         wait,
         transactional: false,
         span
-      }).pipe(Effect.exit)
+      }).pipe(
+        // Never left holding a response the app writes itself, even if this fiber is stopped.
+        Effect.onInterrupt(() => Deferred.succeed(decided, undefined)),
+        Effect.exit
+      )
 
       const error = Exit.isFailure(outcome) ? Cause.failureOption(outcome.cause) : Option.none()
       const problem = Option.isSome(error) && error.value._tag !== "NotStorable"
