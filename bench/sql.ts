@@ -183,11 +183,15 @@ const runTarget = async (target: Target, config: BenchConfig): Promise<Array<Sta
       // The storage first (its cleanup fiber and, on PostgreSQL, its listener), then the table.
       await disposeStorage?.()
       if (tableMayExist) {
-        // And on PostgreSQL the functions the storage made with the table.
+        // And on PostgreSQL the functions and the leases table the storage made with the table.
         await clientRuntime.runPromise(
           Effect.flatMap(SqlClient.SqlClient, (sql) => {
             const dropFunctions: Effect.Effect<unknown, SqlError.SqlError> = sql.onDialectOrElse({
-              pg: () => sql`DROP FUNCTION IF EXISTS ${sql(`${table}_acquire_v1`)}, ${sql(`${table}_commit_v1`)}`,
+              pg: () =>
+                Effect.zipRight(
+                  sql`DROP FUNCTION IF EXISTS ${sql(`${table}_acquire_v1`)}, ${sql(`${table}_commit_v1`)}`,
+                  sql`DROP TABLE IF EXISTS ${sql(`${table}_leases`)}`
+                ),
               orElse: () => Effect.void
             })
             return Effect.zipRight(sql`DROP TABLE IF EXISTS ${sql(table)}`, dropFunctions)

@@ -1,6 +1,8 @@
 /**
  * The conformance suite on every SQL dialect of the machine: PostgreSQL, MariaDB, a SQLite file and
- * SQLite `:memory:`. Each runs on a table of its own, dropped at the end.
+ * SQLite `:memory:`. Each runs on a table of its own, dropped at the end. PostgreSQL runs it with
+ * each session default isolation level (READ COMMITTED, REPEATABLE READ, SERIALIZABLE) and MariaDB
+ * with REPEATABLE READ and SERIALIZABLE: the storage's statements must not depend on the level.
  *
  * Independent builds of the layer race for the same keys (`sharedAcrossBuilds`) on each of them:
  * on PostgreSQL, MariaDB and the SQLite file every build opens its own pool or connection to the
@@ -13,25 +15,44 @@ import { Effect, Exit, Layer, Scope } from "effect"
 import { join } from "node:path"
 import * as SqlStorage from "../src/Storage/Sql.js"
 import { conformance } from "../src/testing.js"
-import { dropTable, makeTempDir, mysqlClient, pgClient, sqliteClient, uniqueTable } from "./fixtures/sqlClients.js"
+import {
+  dropTable,
+  isolationLevels,
+  makeTempDir,
+  mysqlClient,
+  pgClient,
+  sqliteClient,
+  uniqueTable
+} from "./fixtures/sqlClients.js"
 
 // A 1 second base lease (the suite's default is 300 millis): on a busy two-core machine running
 // other suites beside this one, a 150 millis sleep has been seen to take over 300.
 const options = { sharedAcrossBuilds: true, lease: "1 second" } as const
 
-const pgTable = uniqueTable("conformance_pg")
-conformance(
-  "SqlStorage on PostgreSQL",
-  SqlStorage.layer({ table: pgTable }).pipe(Layer.provide(pgClient({ applicationName: `${pgTable}-conformance` }))),
-  options
-)
+// Short: table names stay within the storage's 48 characters.
+const label = (isolation: string) => isolation.split(" ").map((word) => word[0]!.toLowerCase()).join("")
 
-const mysqlTable = uniqueTable("conformance_mysql")
-conformance(
-  "SqlStorage on MariaDB",
-  SqlStorage.layer({ table: mysqlTable }).pipe(Layer.provide(mysqlClient())),
-  options
-)
+const pgTables = isolationLevels.pg.map((isolation) => {
+  const table = uniqueTable(`conformance_pg_${label(isolation)}`)
+  conformance(
+    `SqlStorage on PostgreSQL, ${isolation}`,
+    SqlStorage.layer({ table }).pipe(
+      Layer.provide(pgClient({ applicationName: `${table}-conformance`, isolation }))
+    ),
+    options
+  )
+  return table
+})
+
+const mysqlTables = isolationLevels.mysql.map((isolation) => {
+  const table = uniqueTable(`conformance_mysql_${label(isolation)}`)
+  conformance(
+    `SqlStorage on MariaDB, ${isolation}`,
+    SqlStorage.layer({ table }).pipe(Layer.provide(mysqlClient({ isolation }))),
+    options
+  )
+  return table
+})
 
 const dir = makeTempDir("idem-sqlite-conformance")
 conformance(
@@ -54,8 +75,8 @@ afterAll(() =>
   Effect.runPromise(
     Effect.all([
       Scope.close(memoryScope, Exit.void),
-      Effect.provide(dropTable(pgTable), pgClient({ maxConnections: 1 })),
-      Effect.provide(dropTable(mysqlTable), mysqlClient({ maxConnections: 1 }))
+      Effect.provide(Effect.forEach(pgTables, dropTable), pgClient({ maxConnections: 1 })),
+      Effect.provide(Effect.forEach(mysqlTables, dropTable), mysqlClient({ maxConnections: 1 }))
     ], { mode: "validate", discard: true }).pipe(Effect.ensuring(Effect.sync(dir.release)))
   )
 )

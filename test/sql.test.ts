@@ -35,7 +35,13 @@ import { join } from "node:path"
 import { IdempotencyError, Idempotent, Storage } from "../src/index.js"
 import * as SqlStorage from "../src/Storage/Sql.js"
 import { failsWith } from "./fixtures/Exits.js"
-import { dropTable, postgresFunctions } from "./fixtures/sqlClients.js"
+import {
+  dropTable,
+  isolationLevels,
+  mysqlClient as fixtureMysqlClient,
+  pgClient as fixturePgClient,
+  postgresFunctions
+} from "./fixtures/sqlClients.js"
 
 const { IdempotencyStorageError } = IdempotencyError
 
@@ -485,9 +491,13 @@ for (const c of cases) {
               assert.include(first.queries[1]!, `"${functions.commit}"(`)
               assert.include(replay.queries[0]!, `"${functions.acquire}"(`)
               const sources = yield* functionSources(table)
-              assert.match(sources[functions.acquire]!, /ON CONFLICT/)
-              // A replay is answered from the live row: the upsert part of the statement writes nothing.
-              assert.match(sources[functions.acquire]!, /WHERE NOT EXISTS \(SELECT 1 FROM live\)/)
+              assert.match(sources[functions.acquire]!, /ON CONFLICT \(key_hash\) DO NOTHING/)
+              // A replay is answered from the live row, read alone: the function returns before it
+              // locks or writes anything.
+              assert.match(
+                sources[functions.acquire]!,
+                /RETURN QUERY SELECT[\s\S]*?IF FOUND THEN RETURN;[\s\S]*FOR UPDATE/
+              )
               assert.match(sources[functions.commit]!, /UPDATE[\s\S]*pg_notify/)
             } else {
               assert.match(first.queries[0]!, c.dialect === "mysql" ? /ON DUPLICATE KEY UPDATE/ : /ON CONFLICT/)
@@ -570,6 +580,53 @@ for (const c of cases) {
             assert.isTrue(Number.isSafeInteger(afterDelete.fence))
           })
         ))
+    })
+
+    describe("delete by fence", () => {
+      it.live(
+        "drops only the completed record carrying the fence: not another fence, not a lease; wakes waiters",
+        () =>
+          withClient(
+            c,
+            Effect.gen(function*() {
+              const storage = yield* storageOn()
+              const key = uniqueKey("delete-fence")
+              const owner = acquired(yield* storage.acquire({ key, fingerprint: "fp", lease: longLease }))
+              // A lease is left alone, even with its own fence.
+              yield* storage.delete(key, owner.fence)
+              assert.strictEqual(
+                (yield* storage.acquire({ key, fingerprint: "fp", lease: longLease }))._tag,
+                "InFlight"
+              )
+              assert.isTrue(yield* storage.commit(owner, { outcome: "success", payload: bytes("kept"), ttl }))
+              // Another fence: the record stays.
+              yield* storage.delete(key, owner.fence + 1)
+              yield* storage.delete(key, owner.fence - 1)
+              assert.strictEqual(text(Option.getOrThrow(yield* storage.read(key)).payload), "kept")
+
+              // Its own fence: gone, and a waiter on another replica hears of it (on PostgreSQL by
+              // NOTIFY: a listening replica does not poll, so without the notice it would not wake).
+              const replica = yield* replicaOn(c, undefined, true)
+              const woken = yield* Effect.fork(Effect.scoped(Effect.flatMap(replica.watch(key), (changed) => changed)))
+              yield* Effect.sleep("200 millis")
+              yield* storage.delete(key, owner.fence)
+              yield* Fiber.join(woken).pipe(
+                Effect.timeoutFail({ duration: "5 seconds", onTimeout: () => new Error("the waiter was not woken") })
+              )
+              assert.isTrue(Option.isNone(yield* storage.read(key)))
+              const next = acquired(yield* storage.acquire({ key, fingerprint: "fp", lease: longLease }))
+              assert.notStrictEqual(next.token, owner.token)
+              // The row kept its fence: the next owner's is higher, even within the same millisecond.
+              assert.isAbove(next.fence, owner.fence)
+
+              // A newer record of the key (the fence a second run got) is not dropped by the old fence.
+              assert.isTrue(yield* storage.commit(next, { outcome: "success", payload: bytes("newer"), ttl }))
+              yield* storage.delete(key, owner.fence)
+              assert.strictEqual(text(Option.getOrThrow(yield* storage.read(key)).payload), "newer")
+            })
+          ),
+        { timeout: 30_000 }
+      )
     })
 
     describe("cleanup", () => {
@@ -1103,6 +1160,167 @@ for (const c of cases) {
     })
   })
 }
+
+// --- isolation levels -------------------------------------------------------------------------------
+
+describe("SqlStorage at each isolation level (the session's default, set per connection)", () => {
+  const levels = [
+    ...isolationLevels.pg.map((isolation) => ({
+      name: `PostgreSQL, ${isolation}`,
+      client: () => fixturePgClient({ isolation, maxConnections: 3 }),
+      isolation
+    })),
+    ...isolationLevels.mysql.map((isolation) => ({
+      name: `MariaDB, ${isolation}`,
+      client: () => fixtureMysqlClient({ isolation, maxConnections: 3 }),
+      isolation
+    }))
+  ]
+
+  for (const level of levels) {
+    describe(level.name, () => {
+      it.live("the session really runs at that level", () =>
+        Effect.gen(function*() {
+          const sql = yield* SqlClient.SqlClient
+          const [row] = yield* sql.onDialectOrElse({
+            pg: () => sql<{ readonly level: string }>`SELECT current_setting('transaction_isolation') AS level`,
+            orElse: () => sql<{ readonly level: string }>`SELECT @@tx_isolation AS level`
+          })
+          assert.strictEqual(row?.level.toUpperCase().replace("-", " "), level.isolation)
+        }).pipe(Effect.provide(level.client())))
+
+      it.live("a transactional run longer than two leases commits with its business row", () =>
+        Effect.gen(function*() {
+          const sql = yield* SqlClient.SqlClient
+          const name = tableFor("isolation_tx")
+          const business = tableFor("isolation_orders")
+          yield* sql`CREATE TABLE IF NOT EXISTS ${sql(business)} (request_id VARCHAR(200) NOT NULL)`
+          const storage = yield* storageOn({ table: name })
+          const key = uniqueKey("long-tx")
+          const lease = Duration.seconds(2)
+          let runs = 0
+          const place = Effect.gen(function*() {
+            runs++
+            yield* sql`INSERT INTO ${sql(business)} (request_id) VALUES (${key})`
+            yield* Effect.sleep(Duration.times(lease, 2.25))
+            return "placed"
+          }).pipe(
+            Idempotent.wrap({ key, lease, transactional: true }),
+            Effect.provideService(Storage.Storage, storage)
+          )
+          assert.strictEqual(yield* place, "placed")
+          assert.strictEqual(yield* place, "placed")
+          assert.strictEqual(runs, 1)
+          const [orders] = yield* sql<{ readonly n: number | string }>`
+            SELECT COUNT(*) AS n FROM ${sql(business)} WHERE request_id = ${key}`
+          assert.strictEqual(Number(orders?.n), 1)
+          assert.isTrue(Option.isSome(yield* storage.read(key)))
+        }).pipe(Effect.scoped, Effect.provide(level.client())), { timeout: 30_000 })
+
+      it.live(
+        "concurrent acquires of new keys from four pools: one Acquired each, the rest InFlight, no error",
+        () =>
+          Effect.gen(function*() {
+            const name = tableFor("isolation_race")
+            const storages = yield* Effect.all(
+              Array.from({ length: 4 }, () =>
+                Effect.flatMap(
+                  Layer.build(level.client()),
+                  (context) => Effect.provide(storageOn({ table: name }), Context.pick(SqlClient.SqlClient)(context))
+                )),
+              { concurrency: "unbounded" }
+            )
+            for (let round = 0; round < 10; round++) {
+              const key = uniqueKey(`race-${round}`)
+              const results = yield* Effect.all(
+                Array.from(
+                  { length: 24 },
+                  (_, i) =>
+                    Effect.either(storages[i % storages.length]!.acquire({ key, fingerprint: "fp", lease: longLease }))
+                ),
+                { concurrency: "unbounded" }
+              )
+              const errors = results.flatMap((result) => result._tag === "Left" ? [result.left.message] : [])
+              assert.deepStrictEqual(errors, [], `round ${round}`)
+              const tags = results.flatMap((result) => result._tag === "Right" ? [result.right] : [])
+              assert.strictEqual(tags.filter((result) => result._tag === "Acquired").length, 1, `round ${round}`)
+              for (const result of tags) {
+                if (result._tag === "Acquired") continue
+                if (result._tag !== "InFlight") return assert.fail(`round ${round}: ${result._tag}`)
+                assert.strictEqual(result.fingerprint, "fp")
+                assert.isTrue(Duration.greaterThan(result.leaseRemaining, Duration.zero))
+              }
+            }
+          }).pipe(Effect.scoped),
+        { timeout: 30_000 }
+      )
+    })
+  }
+})
+
+// --- values the database never takes -------------------------------------------------------------
+
+describe("SqlStorage on MariaDB: a result over max_allowed_packet", () => {
+  const client = fixtureMysqlClient({ maxConnections: 2 })
+  const packetLimit = Effect.flatMap(
+    SqlClient.SqlClient,
+    (sql) =>
+      Effect.map(
+        sql<{ readonly limit: number | string }>`SELECT @@max_allowed_packet AS \`limit\``,
+        (rows) => Number(rows[0]?.limit)
+      )
+  )
+
+  it.live("commit fails with retryable: false, and the storage stays usable", () =>
+    Effect.gen(function*() {
+      const name = tableFor("packet")
+      const storage = yield* storageOn({ table: name })
+      const limit = yield* packetLimit
+      const key = uniqueKey("too-big")
+      const owner = acquired(yield* storage.acquire({ key, fingerprint: "", lease: longLease }))
+      const error = failsWith(
+        yield* Effect.exit(
+          storage.commit(owner, { outcome: "success", payload: randomBytes(limit + 1024 * 1024), ttl })
+        ),
+        IdempotencyStorageError
+      )
+      assert.strictEqual(error.operation, "commit")
+      assert.strictEqual(error.retryable, false)
+      // The server closed that connection; the pool opens another.
+      assert.isTrue(yield* storage.commit(owner, { outcome: "success", payload: bytes("small"), ttl }))
+      assert.strictEqual(text(Option.getOrThrow(yield* storage.read(key)).payload), "small")
+    }).pipe(Effect.scoped, Effect.provide(client)), { timeout: 60_000 })
+
+  it.live(
+    "wrap with maxResultBytes above the packet: ResultNotStored at once, ran once, the key released",
+    () =>
+      Effect.gen(function*() {
+        const name = tableFor("packet_wrap")
+        const storage = yield* storageOn({ table: name })
+        const limit = yield* packetLimit
+        const key = uniqueKey("too-big-wrap")
+        let runs = 0
+        const call = Effect.sync(() => {
+          runs++
+          return "x".repeat(limit + 1024 * 1024)
+        }).pipe(
+          Idempotent.wrap({ key, lease: "60 seconds", maxResultBytes: 4 * limit }),
+          Effect.provideService(Storage.Storage, storage)
+        )
+        const started = Date.now()
+        const error = failsWith(yield* Effect.exit(call), IdempotencyError.IdempotencyResultNotStored)
+        assert.strictEqual(error.reason, "storage-failed")
+        assert.isBelow(Date.now() - started, 20_000, "the commit was retried instead of failing at once")
+        assert.strictEqual(runs, 1)
+        // The key was released: the next call runs again at once (and fails the same way).
+        const again = Date.now()
+        failsWith(yield* Effect.exit(call), IdempotencyError.IdempotencyResultNotStored)
+        assert.isBelow(Date.now() - again, 20_000)
+        assert.strictEqual(runs, 2)
+      }).pipe(Effect.scoped, Effect.provide(client)),
+    { timeout: 60_000 }
+  )
+})
 
 /**
  * A TCP proxy to PostgreSQL for the life of the scope. `cut` drops every connection and refuses new

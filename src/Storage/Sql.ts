@@ -6,7 +6,8 @@
  * (`Idempotent.wrap({ transactional: true })`).
  *
  * **One table**, created with its index if missing (default `idempotency_records`), and on
- * PostgreSQL two functions that hold acquire and commit (see Statements). A row per key:
+ * PostgreSQL two functions that hold acquire and commit (see Statements) and a table of lease
+ * renewals, `<table>_leases` (see Isolation). A row per key:
  *
  * | column            | PostgreSQL    | MySQL / MariaDB                   | SQLite    |
  * |-------------------|---------------|-----------------------------------|-----------|
@@ -31,32 +32,47 @@
  * `julianday('now')` on SQLite), so application servers with skewed clocks agree on every lease
  * and TTL. `TestClock` does not move it.
  *
- * **Statements.** Every protocol step is one statement that checks the owner's token and the
- * expiry itself, except acquire on MySQL, which is two:
+ * **Statements.** Every protocol step is one statement (or one call of a function) that checks the
+ * owner's token itself, except acquire on MySQL, which is two:
  *
- * - acquire on PostgreSQL: `WITH live AS (SELECT ... WHERE <not expired>), taken AS (INSERT ...
- *   WHERE NOT EXISTS (SELECT 1 FROM live) ON CONFLICT DO UPDATE SET col = CASE WHEN <expired> THEN
- *   <new> ELSE col END ... RETURNING ...) SELECT * FROM live UNION ALL SELECT * FROM taken`. A key
- *   live in the statement's snapshot (a replay, a duplicate of a running call) is answered from it
- *   and nothing is written. Otherwise the upsert's update always runs, so it locks and returns the
- *   latest version of the row even when a concurrent winner committed it after the snapshot was
- *   taken (where `ON CONFLICT DO NOTHING` plus a read would see nothing). It runs inside the
- *   PL/pgSQL function `<table>_acquire_v1`, and commit inside `<table>_commit_v1`, both created with
- *   the table: PostgreSQL then keeps their plans per connection, where the statements sent as they
- *   are would be parsed and planned on every call (about ten times the cost of a `SELECT 1`). The
- *   call is still one statement.
- * - acquire on SQLite: the same upsert alone (one writer at a time makes it atomic).
+ * - acquire on PostgreSQL: the PL/pgSQL function `<table>_acquire_v1`. A key live in a plain read
+ *   (a replay, a duplicate of a running call) is answered from it: nothing is locked or written.
+ *   Otherwise the row, if there is one, is locked `FOR UPDATE` (waiting out a renewal or commit of
+ *   it in progress), and a statement after the lock takes the key only if it is still free; a new
+ *   key is inserted with `ON CONFLICT DO NOTHING`, and a concurrent winner's row read once it
+ *   committed. Commit is the function `<table>_commit_v1`. Both are created with the table:
+ *   PostgreSQL then keeps their plans per connection, where the statements sent as they are would
+ *   be parsed and planned on every call (about ten times the cost of a `SELECT 1`).
+ * - acquire on SQLite: one upsert, `INSERT ... ON CONFLICT DO UPDATE SET col = CASE WHEN <expired>
+ *   THEN <new> ELSE col END ... RETURNING` (one writer at a time makes it atomic).
  * - acquire on MySQL: the same with `ON DUPLICATE KEY UPDATE col = IF(<expired>, ...)`, then a
  *   `SELECT` of the row; the caller acquired only if the row then holds its token.
  * - A first call is acquire and commit: two statements (three on MySQL); a replay is one (two on
  *   MySQL).
  * - commit keeps the holder's token on the completed row, so a commit retried after its reply
- *   was lost (a dropped connection) is answered as done; it owns nothing else.
- * - renew, commit, release: one `UPDATE ... WHERE token = ? AND state = 'in_flight' AND
- *   expires_at > now`. On PostgreSQL commit, release and delete also `pg_notify` in the same
- *   statement (release and delete: `WITH done AS (UPDATE ... RETURNING key_hash) SELECT
- *   pg_notify(...) FROM done`; commit: in its function, when the update found its row).
- * - read: one `SELECT` of a completed row that has not expired. delete: one `DELETE`.
+ *   was lost (a dropped connection) is answered as done; it owns nothing else. On PostgreSQL it
+ *   checks the token under the row's lock, not the lease's end: a lease that ran out but that
+ *   no one took is still the holder's (taking it changes the token). MySQL and SQLite also
+ *   require the lease not to have ended.
+ * - renew, release: one `UPDATE ... WHERE token = ? AND state = 'in_flight' AND <not expired>`;
+ *   on PostgreSQL renew writes the leases table instead (see Isolation). On PostgreSQL commit,
+ *   release and delete also `pg_notify` in the same statement.
+ * - read: one `SELECT` of a completed row that has not expired. delete: one `DELETE`. delete
+ *   with a fence: one `UPDATE` that ends the completed row carrying that fence (its `expires_at`
+ *   set to now) and nothing else; the row keeps its fence, so the next owner's is higher.
+ *
+ * **Isolation.** The storage's statements behave alike whatever the session's default isolation.
+ * On PostgreSQL, where a statement above READ COMMITTED fails with a serialization error instead
+ * of waiting for a concurrent change (two callers of a new key), the layer reads the session's
+ * default at build and, if it is above READ COMMITTED, runs each of its own statements in a
+ * transaction of its own at READ COMMITTED (three round trips more each: give the storage's
+ * client a READ COMMITTED session to avoid them; all connections of a pool are assumed to share
+ * the level). The commit inside a caller's transaction runs at the caller's level, whose snapshot
+ * may predate the lease's renewals: so on PostgreSQL renewals never change the row, only
+ * share-lock it, and write the lease's new end to `<table>_leases` (key hash, token, end), which
+ * acquire, release and the cleanup read with the row; the commit then finds the row as the
+ * acquire left it, and a caller's REPEATABLE READ or SERIALIZABLE transaction commits. MySQL's
+ * updates read the latest row at every level, and SQLite has one writer.
  *
  * **Fences** are kept in the row: a new key starts from the database clock in microseconds and
  * each new owner adds one, across release, lease expiry and record expiry, which keep the row.
@@ -149,6 +165,10 @@ const tablePattern = /^[A-Za-z_][A-Za-z0-9_]{0,47}$/
 
 const maxPollMillis = 1000
 
+// MySQL / MariaDB: what the commit statement adds to its payload in one packet (the statement
+// text, the key's hash, the token and the other parameters), with room to spare.
+const packetOverhead = 4096
+
 // The listening connection is checked this often by a notice to itself; a notice that does not
 // come back within `pingTimeout` means it is gone (PgClient does not report a dropped listener).
 const heartbeatInterval = Duration.seconds(1)
@@ -203,7 +223,12 @@ interface Dialect {
   readonly release: (hash: Buffer, token: string) => Effect.Effect<boolean, SqlError>
   /** The completed row, if it has not expired. */
   readonly read: (hash: Buffer) => Effect.Effect<Row | undefined, SqlError>
-  readonly delete: (hash: Buffer) => Effect.Effect<void, SqlError>
+  /**
+   * With `fence`, only a completed row carrying it, which is ended rather than deleted: the row
+   * keeps its fence, so the next owner's is higher (a row deleted and made again would start
+   * from the clock, which on SQLite can repeat within a millisecond).
+   */
+  readonly delete: (hash: Buffer, fence: number | undefined) => Effect.Effect<void, SqlError>
   /** Deletes up to `limit` expired rows; how many it deleted. */
   readonly cleanup: (limit: number) => Effect.Effect<number, SqlError>
   /** PostgreSQL: sends a notice on the layer's channel. */
@@ -213,10 +238,14 @@ interface Dialect {
 /** Where waiters on PostgreSQL hear about changed keys: `<table>_changed`. */
 const channelOf = (table: string) => `${table}_changed`
 
+/** PostgreSQL: the table that holds lease renewals, `<table>_leases` (see Isolation). */
+const leasesOf = (table: string) => `${table}_leases`
+
 /**
  * The PostgreSQL functions that hold acquire and commit: `<table>_acquire_v1` and
  * `<table>_commit_v1`. A new signature gets a new version, since `CREATE OR REPLACE FUNCTION`
- * cannot change one.
+ * cannot change one; a new body under the same signature replaces the old one, so that instances
+ * of an older version of this library call the new one.
  */
 const postgresFunctions = (table: string) => ({
   acquire: `${table}_acquire_v1`,
@@ -224,28 +253,41 @@ const postgresFunctions = (table: string) => ({
 })
 
 // The live row's columns as the storage reads them, times in epoch millis (`now` is the
-// database's clock when the statement ran).
-const postgresColumns = `token, state, idempotency_key, fingerprint, fence, outcome, payload,
-    floor(extract(epoch FROM created_at) * 1000)::float8 AS created_at,
-    floor(extract(epoch FROM expires_at) * 1000)::float8 AS expires_at,
+// database's clock when the statement ran). The lease's end is the later of the row's and of its
+// holder's last renewal.
+const postgresColumns = (leases: string, alias: string) =>
+  `${alias}.token, ${alias}.state, ${alias}.idempotency_key, ${alias}.fingerprint, ${alias}.fence,
+    ${alias}.outcome, ${alias}.payload,
+    floor(extract(epoch FROM ${alias}.created_at) * 1000)::float8 AS created_at,
+    floor(extract(epoch FROM ${postgresExpiry(leases, alias)}) * 1000)::float8 AS expires_at,
     floor(extract(epoch FROM clock_timestamp()) * 1000)::float8 AS now`
+
+// When a row ends: a record at its `expires_at`, a lease at the later of the row's `expires_at` and
+// its holder's last renewal (kept in the leases table, never in the row: see Isolation).
+const postgresExpiry = (leases: string, alias: string) =>
+  `CASE WHEN ${alias}.state = 'in_flight' THEN greatest(${alias}.expires_at, (
+    SELECT l.expires_at FROM "${leases}" AS l WHERE l.key_hash = ${alias}.key_hash AND l.token = ${alias}.token
+  )) ELSE ${alias}.expires_at END`
 
 /**
  * Acquire and commit are long statements that PostgreSQL would parse and plan on every call (the
  * client sends unnamed statements): about ten times the cost of a `SELECT 1`, more than the
  * work itself. As PL/pgSQL functions their plans are kept per connection, and each protocol step
- * is still one statement. `table` is a checked identifier, so it is quoted here as is.
+ * is still one call. `table` is a checked identifier, so it is quoted here as is.
  */
 const postgresFunctionsDdl = (table: string): ReadonlyArray<string> => {
   const t = `"${table}"`
+  const leases = leasesOf(table)
   const names = postgresFunctions(table)
+  const columns = postgresColumns(leases, "r")
+  const expiry = postgresExpiry(leases, "r")
   return [
-    // One statement, two paths. A key that is live in the statement's snapshot (a lease or a
-    // record that has not expired) is answered from it, read only: a replay writes nothing.
-    // Anything else goes to the upsert, whose update always runs: when a concurrent winner
-    // committed the row after the snapshot was taken, the update waits for it and returns its
-    // latest version, where `DO NOTHING` would return nothing. The upsert reads the clock once
-    // (`clock.now`, then `excluded.created_at`), so every column decides on the same instant.
+    // A key that is live (a lease or a record that has not ended) is answered from a plain read:
+    // a replay writes nothing and takes no lock. Otherwise the row, if there is one, is locked
+    // first, which waits out a renewal or a commit of it in progress; the statements after the
+    // lock see them (READ COMMITTED: a snapshot per statement) and take the key only if it is
+    // still free. A new key is inserted; a concurrent caller that inserted it first is read once
+    // it committed.
     `CREATE OR REPLACE FUNCTION "${names.acquire}"(
       p_hash bytea, p_key text, p_token text, p_fingerprint text, p_lease_millis float8
     ) RETURNS TABLE (
@@ -253,40 +295,47 @@ const postgresFunctionsDdl = (table: string): ReadonlyArray<string> => {
       payload bytea, created_at float8, expires_at float8, now float8
     ) LANGUAGE plpgsql VOLATILE AS $body$
     #variable_conflict use_column
+    DECLARE
+      at timestamptz;
     BEGIN
-      RETURN QUERY
-      WITH live AS (
-        SELECT ${postgresColumns} FROM ${t} WHERE key_hash = p_hash AND expires_at > clock_timestamp()
-      ),
-      taken AS (
-        INSERT INTO ${t} AS r
-          (key_hash, idempotency_key, state, token, fingerprint, fence, outcome, payload, created_at, expires_at)
-        SELECT p_hash, p_key, 'in_flight'::text, p_token, p_fingerprint,
-          floor(extract(epoch FROM clock.now) * 1000000)::bigint, NULL::text, NULL::bytea,
-          clock.now, clock.now + p_lease_millis * interval '1 millisecond'
-        FROM (SELECT clock_timestamp() AS now) AS clock
-        WHERE NOT EXISTS (SELECT 1 FROM live)
-        ON CONFLICT (key_hash) DO UPDATE SET
-          idempotency_key = CASE WHEN r.expires_at <= excluded.created_at
-            THEN excluded.idempotency_key ELSE r.idempotency_key END,
-          state = CASE WHEN r.expires_at <= excluded.created_at THEN excluded.state ELSE r.state END,
-          token = CASE WHEN r.expires_at <= excluded.created_at THEN excluded.token ELSE r.token END,
-          fingerprint = CASE WHEN r.expires_at <= excluded.created_at
-            THEN excluded.fingerprint ELSE r.fingerprint END,
-          fence = CASE WHEN r.expires_at <= excluded.created_at THEN r.fence + 1 ELSE r.fence END,
-          outcome = CASE WHEN r.expires_at <= excluded.created_at THEN NULL ELSE r.outcome END,
-          payload = CASE WHEN r.expires_at <= excluded.created_at THEN NULL ELSE r.payload END,
-          created_at = CASE WHEN r.expires_at <= excluded.created_at
-            THEN excluded.created_at ELSE r.created_at END,
-          expires_at = CASE WHEN r.expires_at <= excluded.created_at
-            THEN excluded.expires_at ELSE r.expires_at END
-        RETURNING ${postgresColumns}
-      )
-      SELECT * FROM live UNION ALL SELECT * FROM taken;
+      RETURN QUERY SELECT ${columns} FROM ${t} AS r
+        WHERE r.key_hash = p_hash AND ${expiry} > clock_timestamp();
+      IF FOUND THEN RETURN; END IF;
+      PERFORM 1 FROM ${t} AS r WHERE r.key_hash = p_hash FOR UPDATE;
+      IF FOUND THEN
+        at := clock_timestamp();
+        RETURN QUERY WITH taken AS (
+          UPDATE ${t} AS r SET idempotency_key = p_key, state = 'in_flight', token = p_token,
+            fingerprint = p_fingerprint, fence = r.fence + 1, outcome = NULL, payload = NULL, created_at = at,
+            expires_at = at + p_lease_millis * interval '1 millisecond'
+          WHERE r.key_hash = p_hash AND ${expiry} <= at
+          RETURNING r.*
+        )
+        SELECT ${postgresColumns(leases, "taken")} FROM taken;
+        IF FOUND THEN RETURN; END IF;
+      ELSE
+        at := clock_timestamp();
+        RETURN QUERY WITH taken AS (
+          INSERT INTO ${t} AS r
+            (key_hash, idempotency_key, state, token, fingerprint, fence, outcome, payload, created_at, expires_at)
+          VALUES (p_hash, p_key, 'in_flight', p_token, p_fingerprint,
+            floor(extract(epoch FROM at) * 1000000)::bigint, NULL, NULL,
+            at, at + p_lease_millis * interval '1 millisecond')
+          ON CONFLICT (key_hash) DO NOTHING
+          RETURNING r.*
+        )
+        SELECT ${postgresColumns(leases, "taken")} FROM taken;
+        IF FOUND THEN RETURN; END IF;
+      END IF;
+      -- Renewed, committed or inserted by someone else meanwhile: the row as it is now.
+      RETURN QUERY SELECT ${columns} FROM ${t} AS r WHERE r.key_hash = p_hash;
     END
     $body$`,
-    // The token stays on the completed row, so a commit retried after its reply was lost finds
-    // it and answers true again.
+    // Ownership by token, checked by the update itself on the row's latest version under its row
+    // lock, not by the expiry: inside the caller's transaction that is all it can see (its
+    // snapshot may predate the renewals), and a lease that ran out but that no one took is still
+    // the caller's (taking it would change the token). The token stays on the completed row, so a
+    // commit retried after its reply was lost finds it and answers true again.
     `CREATE OR REPLACE FUNCTION "${names.commit}"(
       p_hash bytea, p_token text, p_outcome text, p_payload bytea, p_ttl_millis float8
     ) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $body$
@@ -296,8 +345,7 @@ const postgresFunctionsDdl = (table: string): ReadonlyArray<string> => {
     BEGIN
       UPDATE ${t} SET state = 'completed', outcome = p_outcome, payload = p_payload, created_at = at,
         expires_at = at + p_ttl_millis * interval '1 millisecond'
-      WHERE key_hash = p_hash AND token = p_token
-        AND (state = 'completed' OR (state = 'in_flight' AND expires_at > at));
+      WHERE key_hash = p_hash AND token = p_token AND state IN ('in_flight', 'completed');
       committed := FOUND;
       IF committed THEN
         PERFORM pg_notify('${channelOf(table)}', encode(p_hash, 'hex'));
@@ -310,10 +358,13 @@ const postgresFunctionsDdl = (table: string): ReadonlyArray<string> => {
 
 const postgres = (sql: SqlClient.SqlClient, table: string): Dialect => {
   const t = sql(table)
+  const leases = leasesOf(table)
+  const l = sql(leases)
   const channel = channelOf(table)
   const functions = postgresFunctions(table)
   // `clock_timestamp()`, not `now()`: inside a caller's transaction `now()` is when it began.
-  const columns = sql.literal(postgresColumns)
+  const columns = sql.literal(postgresColumns(leases, "r"))
+  const expiry = sql.literal(postgresExpiry(leases, "r"))
 
   return {
     name: "pg",
@@ -334,6 +385,11 @@ const postgres = (sql: SqlClient.SqlClient, table: string): Dialect => {
         expires_at timestamptz NOT NULL
       ) WITH (fillfactor = 90)`,
       sql`CREATE INDEX IF NOT EXISTS ${sql(`${table}_expires_at_idx`)} ON ${t} (expires_at)`,
+      sql`CREATE TABLE IF NOT EXISTS ${l} (
+        key_hash bytea PRIMARY KEY,
+        token text NOT NULL,
+        expires_at timestamptz NOT NULL
+      )`,
       ...postgresFunctionsDdl(table).map((ddl) => sql.unsafe(ddl))
     ], { discard: true })),
 
@@ -347,17 +403,30 @@ const postgres = (sql: SqlClient.SqlClient, table: string): Dialect => {
         (rows) => rows[0]
       ),
 
+    // The renewal goes to the leases table; the row itself is only share-locked, which waits out a
+    // takeover in progress and is not a change that a caller's transaction could conflict with.
     renew: (hash, token, leaseMillis) =>
       Effect.map(
         sql`
-          UPDATE ${t} SET expires_at = clock_timestamp() + ${leaseMillis}::float8 * interval '1 millisecond'
-          WHERE key_hash = ${hash}::bytea AND token = ${token}::text AND state = 'in_flight'
-            AND expires_at > clock_timestamp()
+          WITH owner AS (
+            SELECT r.key_hash FROM ${t} AS r
+            WHERE r.key_hash = ${hash}::bytea AND r.token = ${token}::text AND r.state = 'in_flight'
+              AND ${expiry} > clock_timestamp()
+            FOR SHARE
+          )
+          INSERT INTO ${l} (key_hash, token, expires_at)
+          SELECT key_hash, ${token}::text, clock_timestamp() + ${leaseMillis}::float8 * interval '1 millisecond'
+          FROM owner
+          ON CONFLICT (key_hash) DO UPDATE SET token = excluded.token, expires_at = excluded.expires_at
           RETURNING 1 AS renewed
         `,
         (rows) => rows.length > 0
       ),
 
+    // Above READ COMMITTED, a row changed since the caller's transaction began fails the update
+    // ("concurrent update"): only a new owner changes it (renewals do not), so the caller's token
+    // no longer owns the key. The transaction is rolled back either way. Other serialization
+    // failures (SERIALIZABLE's read/write dependencies) say nothing about the key: errors.
     commit: (hash, token, outcome, payload, ttlMillis) =>
       Effect.map(
         sql<{ readonly committed: boolean }>`
@@ -366,16 +435,16 @@ const postgres = (sql: SqlClient.SqlClient, table: string): Dialect => {
           ) AS committed
         `,
         (rows) => rows[0]?.committed === true
-      ),
+      ).pipe(Effect.catchIf(changedSinceSnapshot, () => Effect.succeed(false))),
 
     release: (hash, token) =>
       Effect.map(
         sql`
           WITH done AS (
-            UPDATE ${t} SET token = NULL, expires_at = clock_timestamp()
-            WHERE key_hash = ${hash}::bytea AND token = ${token}::text AND state = 'in_flight'
-              AND expires_at > clock_timestamp()
-            RETURNING key_hash
+            UPDATE ${t} AS r SET token = NULL, expires_at = clock_timestamp()
+            WHERE r.key_hash = ${hash}::bytea AND r.token = ${token}::text AND r.state = 'in_flight'
+              AND ${expiry} > clock_timestamp()
+            RETURNING r.key_hash
           )
           SELECT pg_notify(${channel}::text, encode(key_hash, 'hex')) FROM done
         `,
@@ -385,30 +454,50 @@ const postgres = (sql: SqlClient.SqlClient, table: string): Dialect => {
     read: (hash) =>
       Effect.map(
         sql<Row>`
-          SELECT ${columns} FROM ${t}
-          WHERE key_hash = ${hash}::bytea AND state = 'completed' AND expires_at > clock_timestamp()
+          SELECT ${columns} FROM ${t} AS r
+          WHERE r.key_hash = ${hash}::bytea AND r.state = 'completed' AND r.expires_at > clock_timestamp()
         `,
         (rows) => rows[0]
       ),
 
-    delete: (hash) =>
-      Effect.asVoid(sql`
-        WITH gone AS (DELETE FROM ${t} WHERE key_hash = ${hash}::bytea RETURNING key_hash)
-        SELECT pg_notify(${channel}::text, encode(key_hash, 'hex')) FROM gone
-      `),
+    delete: (hash, fence) =>
+      Effect.asVoid(
+        fence === undefined
+          ? sql`
+            WITH gone AS (DELETE FROM ${t} WHERE key_hash = ${hash}::bytea RETURNING key_hash)
+            SELECT pg_notify(${channel}::text, encode(key_hash, 'hex')) FROM gone
+          `
+          : sql`
+            WITH gone AS (
+              UPDATE ${t} SET expires_at = clock_timestamp()
+              WHERE key_hash = ${hash}::bytea AND state = 'completed' AND fence = ${fence}::bigint
+                AND expires_at > clock_timestamp()
+              RETURNING key_hash
+            )
+            SELECT pg_notify(${channel}::text, encode(key_hash, 'hex')) FROM gone
+          `
+      ),
 
-    // Rows another replica is deleting are locked, and skipped rather than waited for.
+    // Rows another replica is deleting are locked, and skipped rather than waited for. A lease
+    // renewed past its row's `expires_at` stays; renewals that ended go too.
     cleanup: (limit) =>
       Effect.map(
         sql<{ readonly deleted: number | string }>`
           WITH gone AS (
             DELETE FROM ${t} WHERE ctid IN (
-              SELECT ctid FROM ${t} WHERE expires_at <= clock_timestamp()
+              SELECT r.ctid FROM ${t} AS r WHERE r.expires_at <= clock_timestamp() AND ${expiry} <= clock_timestamp()
+              LIMIT ${limit}::int FOR UPDATE SKIP LOCKED
+            )
+            RETURNING 1
+          ),
+          renewals AS (
+            DELETE FROM ${l} WHERE ctid IN (
+              SELECT ctid FROM ${l} WHERE expires_at <= clock_timestamp()
               LIMIT ${limit}::int FOR UPDATE SKIP LOCKED
             )
             RETURNING 1
           )
-          SELECT count(*)::int AS deleted FROM gone
+          SELECT greatest((SELECT count(*) FROM gone), (SELECT count(*) FROM renewals))::int AS deleted
         `,
         (rows) => Number(rows[0]?.deleted ?? 0)
       ),
@@ -510,7 +599,15 @@ const mysql = (sql: SqlClient.SqlClient, table: string): Dialect => {
         (rows) => rows[0]
       ),
 
-    delete: (hash) => Effect.asVoid(sql`DELETE FROM ${t} WHERE key_hash = ${hash}`.raw),
+    delete: (hash, fence) =>
+      Effect.asVoid(
+        fence === undefined
+          ? sql`DELETE FROM ${t} WHERE key_hash = ${hash}`.raw
+          : sql`
+            UPDATE ${t} SET expires_at = ${nowMillis}
+            WHERE key_hash = ${hash} AND state = 'completed' AND fence = ${fence} AND expires_at > ${nowMillis}
+          `.raw
+      ),
 
     cleanup: (limit) =>
       Effect.map(
@@ -614,7 +711,15 @@ const sqlite = (sql: SqlClient.SqlClient, table: string): Dialect => {
         (rows) => rows[0]
       ),
 
-    delete: (hash) => Effect.asVoid(sql`DELETE FROM ${t} WHERE key_hash = ${hash}`),
+    delete: (hash, fence) =>
+      Effect.asVoid(
+        fence === undefined
+          ? sql`DELETE FROM ${t} WHERE key_hash = ${hash}`
+          : sql`
+            UPDATE ${t} SET expires_at = ${nowMillis}
+            WHERE key_hash = ${hash} AND state = 'completed' AND fence = ${fence} AND expires_at > ${nowMillis}
+          `
+      ),
 
     cleanup: (limit) =>
       Effect.map(
@@ -683,6 +788,50 @@ class RolledBack {
 
 const isSqlError = (u: unknown): u is SqlError => Predicate.isTagged(u, "SqlError")
 
+/** The driver's error under a `SqlError`. */
+const driverError = (u: unknown): unknown => isSqlError(u) ? u.cause : u
+
+/** PostgreSQL: the SQLSTATE of a failed statement. */
+const sqlState = (u: unknown): string | undefined => {
+  const error = driverError(u)
+  return Predicate.hasProperty(error, "code") && typeof error.code === "string" ? error.code : undefined
+}
+
+/** PostgreSQL: an update found its row changed by a transaction that committed after its snapshot. */
+const changedSinceSnapshot = (u: unknown): boolean => {
+  const error = driverError(u)
+  return sqlState(u) === "40001" && Predicate.hasProperty(error, "message") && typeof error.message === "string" &&
+    error.message.includes("concurrent update")
+}
+
+// MySQL / MariaDB errors about a value the server will never take: a packet over
+// `max_allowed_packet` (1153, and 1301 for a result over it), a row or a column too large (1118,
+// 1406).
+const permanentMysqlErrors = new Set([1118, 1153, 1301, 1406])
+const permanentMysqlCodes = new Set([
+  "ER_TOO_BIG_ROWSIZE",
+  "ER_NET_PACKET_TOO_LARGE",
+  "ER_WARN_ALLOWED_PACKET_OVERFLOWED",
+  "ER_DATA_TOO_LONG"
+])
+
+/**
+ * Whether a statement failed in a way that trying again cannot fix: a value larger than the
+ * database takes. MySQL / MariaDB by error number, PostgreSQL by SQLSTATE (class 54,
+ * program_limit_exceeded: a value or a statement over a limit; 22001, a string too long), SQLite
+ * by `SQLITE_TOOBIG`.
+ */
+const permanent = (u: unknown): boolean => {
+  const error = driverError(u)
+  if (!Predicate.isObject(error)) return false
+  const errno = Predicate.hasProperty(error, "errno") ? error.errno : undefined
+  const code = Predicate.hasProperty(error, "code") ? error.code : undefined
+  if (typeof errno === "number" && permanentMysqlErrors.has(errno)) return true
+  if (typeof code !== "string") return false
+  return permanentMysqlCodes.has(code) || /^54[0-9A-Z]{3}$/.test(code) || code === "22001" ||
+    code === "SQLITE_TOOBIG"
+}
+
 interface Watched {
   readonly waiters: Set<Deferred.Deferred<void>>
   /** When this round of waiting on the key began: polls back off from there. */
@@ -746,17 +895,30 @@ export const make = (
     }
 
     const failure = (operation: string, key: string) => (cause: unknown) =>
-      new IdempotencyStorageError({ key, operation, cause })
+      new IdempotencyStorageError(
+        permanent(cause) ? { key, operation, cause, retryable: false } : { key, operation, cause }
+      )
+
+    // PostgreSQL sessions whose default isolation is above READ COMMITTED: the storage's own
+    // statements run in a transaction of their own at READ COMMITTED (see Isolation). Read once
+    // the table is there.
+    let readCommittedExplicitly = false
 
     // SQLite clients have one connection, held by an open transaction: a statement outside it would
     // wait for the transaction, and the transaction for the statement.
     const outside = <A>(statement: Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> =>
-      dialect.name === "sqlite"
-        ? statement
-        : Effect.mapInputContext(
-          statement,
-          (context: Context.Context<never>) => Context.omit(SqlClient.TransactionConnection)(context)
-        )
+      dialect.name === "sqlite" ? statement : Effect.mapInputContext(
+        readCommitted(statement),
+        (context: Context.Context<never>) => Context.omit(SqlClient.TransactionConnection)(context)
+      )
+
+    // A statement of the storage's own, not in a caller's transaction: at READ COMMITTED.
+    const readCommitted = <A>(statement: Effect.Effect<A, SqlError>): Effect.Effect<A, SqlError> =>
+      Effect.suspend(() =>
+        readCommittedExplicitly
+          ? sql.withTransaction(Effect.zipRight(sql`SET TRANSACTION ISOLATION LEVEL READ COMMITTED`, statement))
+          : statement
+      )
 
     // Every statement is bounded. `Idempotent.wrap` acquires and commits uninterruptibly; the
     // statement runs on a fiber of its own, interruptible, so that the timeout can end the wait
@@ -777,6 +939,27 @@ export const make = (
       )
 
     yield* call("setup", "", outside(dialect.setup))
+    if (dialect.name === "pg") {
+      const [level] = yield* call(
+        "setup",
+        "",
+        outside(sql<{ readonly level: string }>`SELECT current_setting('transaction_isolation') AS level`)
+      )
+      readCommittedExplicitly = level?.level !== "read committed"
+    }
+    // MySQL / MariaDB: a statement over `max_allowed_packet` makes the server drop the connection
+    // (the client sees only a reset, as for any network failure), so a result that cannot fit is
+    // refused before it is sent. Read once; 0 where unknown.
+    const maxPacket = dialect.name === "mysql"
+      ? yield* call(
+        "setup",
+        "",
+        outside(Effect.map(
+          sql<{ readonly max_packet: number | string }>`SELECT @@max_allowed_packet AS max_packet`,
+          (rows) => Number(rows[0]?.max_packet ?? 0)
+        ))
+      )
+      : 0
 
     // Waiters, by key hash in hex (the payload of the notices).
     const watched = new Map<string, Watched>()
@@ -878,11 +1061,34 @@ export const make = (
 
     const commit = (lease: Storage.Lease, request: Storage.CommitRequest) => {
       const hash = hashOf(lease.key)
+      if (maxPacket > 0 && request.payload.length + packetOverhead > maxPacket) {
+        return Effect.fail(
+          new IdempotencyStorageError({
+            key: lease.key,
+            operation: "commit",
+            retryable: false,
+            cause: new Error(
+              `the result is ${request.payload.length} bytes: with its statement, more than the server's ` +
+                `max_allowed_packet (${maxPacket})`
+            )
+          })
+        )
+      }
       // In the caller's context: inside `transaction` it commits with the caller's writes.
+      const statement = dialect.commit(
+        hash,
+        lease.token,
+        request.outcome,
+        toBuffer(request.payload),
+        expiryMillis(request.ttl)
+      )
       return call(
         "commit",
         lease.key,
-        dialect.commit(hash, lease.token, request.outcome, toBuffer(request.payload), expiryMillis(request.ttl))
+        Effect.flatMap(
+          Effect.serviceOption(SqlClient.TransactionConnection),
+          (transaction) => Option.isSome(transaction) ? statement : readCommitted(statement)
+        )
       ).pipe(Effect.tap((committed) => committed ? changed(hash) : Effect.void))
     }
 
@@ -903,9 +1109,9 @@ export const make = (
         }
       )
 
-    const remove = (key: string) => {
+    const remove = (key: string, fence?: number | undefined) => {
       const hash = hashOf(key)
-      return Effect.zipRight(call("delete", key, outside(dialect.delete(hash))), changed(hash))
+      return Effect.zipRight(call("delete", key, outside(dialect.delete(hash, fence))), changed(hash))
     }
 
     const watch = (key: string) => {
