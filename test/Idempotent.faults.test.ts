@@ -364,3 +364,29 @@ describe("Storage.fromBasic: a store that cannot check the owner in its commit",
       assert.strictEqual(new TextDecoder().decode(record.payload), "\"second\"")
     }).pipe(Effect.provide(slowBasic)))
 })
+
+describe("Idempotent.wrap: faults found by the properties of test/properties/wrap.*.test.ts", () => {
+  it.effect("an acquire answered only after its lease ran out does not run the effect: another process may hold the key", () =>
+    Effect.gen(function*() {
+      const store = yield* Storage.Storage
+      // The store grants the lease at once, but its answer takes as long as the lease itself.
+      const late = counted(store, {
+        acquire: (request) => Effect.zipLeft(store.acquire(request), Effect.sleep("3 seconds"))
+      }).storage
+      const starts: Array<readonly [string, number]> = []
+      const job = (name: string) =>
+        Effect.map(Clock.currentTimeMillis, (now) => void starts.push([name, now])).pipe(
+          Effect.as(name),
+          Idempotent.wrap({ key: "late-acquire", lease: "3 seconds" })
+        )
+      const a = yield* Effect.fork(Effect.provideService(job("A"), Storage.Storage, late))
+      // Process B asks once the store's lease has ended, just before A hears its answer.
+      yield* TestClock.adjust("3 seconds")
+      assert.strictEqual(yield* Effect.provideService(job("B"), Storage.Storage, otherProcess(store).storage), "B")
+      yield* TestClock.adjust("1 second")
+      failsWith(yield* ended(a), IdempotencyLeaseLost)
+      assert.deepStrictEqual(starts, [["B", 3000]])
+      // B's result is the key's.
+      assert.strictEqual(yield* Effect.provideService(job("C"), Storage.Storage, otherProcess(store).storage), "B")
+    }).pipe(Effect.provide(MemoryStorage.layer())))
+})

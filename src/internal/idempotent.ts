@@ -262,7 +262,11 @@ export const run = <A, E, R>(
               : Effect.flatMap(waitForStore, (shared) => step(shared, rerunAllowed))
           }
           case "Acquired": {
-            if (shared.leader) return guarded(result.lease, shared.flight)
+            if (shared.leader) {
+              return pastDeadline(shared.flight)
+                ? tooLate(result.lease, shared.flight)
+                : guarded(result.lease, shared.flight)
+            }
             if (shared.flight.fingerprint !== fingerprint) return reused()
             return awaitLocalRun(shared.flight, rerunAllowed)
           }
@@ -311,6 +315,18 @@ export const run = <A, E, R>(
           }
         )
       }
+
+      // The store's answer came back so late that the lease it granted may have ended already, and
+      // another caller may hold the key: the effect is not started. The release is checked by the
+      // store against the token, so it cannot free another caller's lease.
+      const tooLate = (lease: Storage.Lease, flight: LocalFlights.Flight) =>
+        Effect.zipRight(
+          releaseKey(lease, flight),
+          Effect.zipRight(
+            noteOutcome(counters, settings.span, "lease_lost"),
+            Effect.fail(new IdempotencyLeaseLost({ key, fence: lease.fence }))
+          )
+        )
 
       // Whatever ends the run (a defect in a schema's encoder or in a custom backend's commit, an
       // interruption between steps), a lease still held here is released and the local waiters
