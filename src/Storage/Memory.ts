@@ -15,6 +15,7 @@ import * as Schedule from "effect/Schedule"
 import type * as Scope from "effect/Scope"
 import { IdempotencyStorageError } from "../IdempotencyError.js"
 import type { IdempotencyRecord } from "../IdempotencyRecord.js"
+import * as internalDiagnostics from "../internal/diagnostics.js"
 import * as internalToken from "../internal/token.js"
 import * as Storage from "../Storage.js"
 
@@ -190,7 +191,7 @@ export const make = (
     })
     yield* Effect.forkScoped(Effect.repeat(sweep, Schedule.spaced(sweepInterval)))
 
-    return Storage.make({
+    const service = Storage.make({
       backend: "memory",
       capabilities: { renewal: true, fencing: true, ownedCommit: true, notification: true },
       acquire,
@@ -210,6 +211,12 @@ export const make = (
         }),
       watch
     })
+    internalDiagnostics.registerMemory(service, () => {
+      let watching = 0
+      for (const set of watchers.values()) watching += set.size
+      return { watchers: watching, inFlight: inFlight.size, completed: completed.size }
+    })
+    return service
   })
 
 /**
