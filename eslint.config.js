@@ -8,7 +8,7 @@ export default defineConfig(
     ignores: ["dist/**", "node_modules/**", "coverage/**", "**/*.md"]
   },
   {
-    files: ["src/**/*.ts", "test/**/*.ts", "examples/**/*.ts", "bench/**/*.ts", "*.ts"],
+    files: ["src/**/*.ts", "test/**/*.ts", "examples/**/*.ts", "bench/**/*.ts", "torture/**/*.ts", "*.ts"],
     extends: [js.configs.recommended, tseslint.configs.recommended, effectEslint.configs.dprint],
     languageOptions: {
       parser: tseslint.parser,
