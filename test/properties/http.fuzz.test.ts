@@ -174,10 +174,7 @@ const keySpecArb = (pool: ReadonlyArray<string>): fc.Arbitrary<KeySpec | undefin
   )
 }
 
-type Body =
-  | { readonly _tag: "none" }
-  | { readonly _tag: "whole"; readonly bytes: Uint8Array }
-  | { readonly _tag: "chunked"; readonly chunks: ReadonlyArray<Uint8Array> }
+type Body = RawRequest["body"]
 
 const bodyBytesArb: fc.Arbitrary<Uint8Array> = fc.oneof(
   { weight: 4, arbitrary: fc.json({ maxDepth: 3 }).map(utf8) },
@@ -220,6 +217,14 @@ const bodyArb: fc.Arbitrary<Body> = fc.oneof(
       }
       return { _tag: "chunked", chunks }
     })
+  },
+  {
+    weight: 1,
+    arbitrary: fc.tuple(bodyBytesArb, fc.integer({ min: 1, max: 1000 })).map(([bytes, missing]): Body => ({
+      _tag: "truncated",
+      bytes,
+      declared: bytes.length + missing
+    }))
   }
 )
 
@@ -298,6 +303,8 @@ interface Template {
   readonly key: KeySpec | undefined
   readonly contentType: ReadonlyArray<Uint8Array>
   readonly body: Body
+  /** Sent with `Expect: 100-continue`, as curl does with larger bodies. */
+  readonly expectContinue: boolean
 }
 
 const templateArb = (pool: ReadonlyArray<string>): fc.Arbitrary<Template> =>
@@ -306,8 +313,16 @@ const templateArb = (pool: ReadonlyArray<string>): fc.Arbitrary<Template> =>
     route: pathArb,
     key: keySpecArb(pool),
     contentType: contentTypeArb,
-    body: bodyArb
-  }).map(({ body, contentType, key, method, route }) => ({ method, ...route, key, contentType, body }))
+    body: bodyArb,
+    expectContinue: fc.oneof({ weight: 4, arbitrary: fc.constant(false) }, { weight: 1, arbitrary: fc.constant(true) })
+  }).map(({ body, contentType, expectContinue, key, method, route }) => ({
+    method,
+    ...route,
+    key,
+    contentType,
+    body,
+    expectContinue
+  }))
 
 /** One step: a template sent `copies` times at once, by one caller, asking for one action. */
 interface Step {
@@ -360,7 +375,11 @@ type Scenario = typeof scenarioArb extends fc.Arbitrary<infer A> ? A : never
 // The model
 
 const bodyBytes = (body: Body): Uint8Array | undefined =>
-  body._tag === "none" ? undefined : body._tag === "whole" ? body.bytes : Buffer.concat(body.chunks)
+  body._tag === "none"
+    ? undefined
+    : body._tag === "whole" || body._tag === "truncated"
+    ? body.bytes
+    : Buffer.concat(body.chunks)
 
 const isOws = (c: string) => c === " " || c === "\t"
 
@@ -470,7 +489,8 @@ const runScenario = (scenario: Scenario, storage: () => Layer.Layer<Storage.Stor
             ["x-fuzz-action", latin1(encodeAction(action))],
             ...principalHeaders.map(([name, value]) => [name, latin1(value)] as const),
             ...(template.key?.lines ?? []).map((line) => ["idempotency-key", line] as const),
-            ...template.contentType.map((line) => ["content-type", line] as const)
+            ...template.contentType.map((line) => ["content-type", line] as const),
+            ...(template.expectContinue ? [["expect", latin1("100-continue")] as const] : [])
           ],
           body: template.body
         }
@@ -538,12 +558,15 @@ const check = (
   const headerBytes = (template.key?.lines ?? []).reduce((n, line) => n + line.length, 0) +
     template.contentType.reduce((n, line) => n + line.length, 0)
   const headersTooLarge = headerBytes > nodeMaxHeaderBytes - 512
-  const wireSuspect = headersTooLarge ||
+  // Node answers a body the client stopped sending with a 400 of its own, if it answers.
+  const wireSuspect = headersTooLarge || template.body._tag === "truncated" ||
     [...(template.key?.lines ?? []), ...template.contentType].some((line) =>
       line.some((b) => (b < 0x20 && b !== 0x09) || b === 0x7f)
     ) ||
     !["POST", "PATCH", "PUT", "DELETE", "GET", "PURGE", "OPTIONS", "PROPFIND"].includes(template.method)
-  const bodyTooLarge = body !== undefined && body.length > maxBodyBytes && !multipart
+  const truncated = template.body._tag === "truncated"
+  const declared = template.body._tag === "truncated" ? template.body.declared : body?.length
+  const bodyTooLarge = declared !== undefined && declared > maxBodyBytes && !multipart
   const principal = principalOf({
     authorization: principalHeaders.find(([name]) => name === "authorization")?.[1],
     cookie: principalHeaders.filter(([name]) => name === "cookie").map(([, value]) => value).join("; ") || undefined
@@ -589,11 +612,12 @@ const check = (
           fail("the handler ran again for a key whose response may be stored", request, { stored, run })
         }
       } else if (run.key !== null) fail("the handler ran under a key on a request without one", request, run)
-      if (body !== undefined && !multipart && run.bodyLength !== body.length) {
+      if (body !== undefined && !multipart && !truncated && run.bodyLength !== body.length) {
         fail("the handler saw another body", request, { run, sent: body.length })
       }
       if (
-        body !== undefined && !multipart && run.bodySha256 !== createHash("sha256").update(body).digest("hex")
+        body !== undefined && !multipart && !truncated &&
+        run.bodySha256 !== createHash("sha256").update(body).digest("hex")
       ) {
         fail("the handler saw other body bytes", request, run)
       }
@@ -603,7 +627,7 @@ const check = (
         continue
       }
       if (result._tag === "Closed") {
-        if (!aborted) fail("the connection closed on a request whose handler ran", request)
+        if (!aborted && !truncated) fail("the connection closed on a request whose handler ran", request)
         if (covered && modelKey !== undefined && storable(run.status!, request.step.action)) {
           model.set(modelKey, {
             identity,
@@ -618,7 +642,9 @@ const check = (
     }
     if (result._tag === "Closed") {
       seen.closed++
-      if (!(aborted || bodyTooLarge || wireSuspect)) fail("the connection closed without an answer", request)
+      if (!(aborted || bodyTooLarge || wireSuspect || truncated)) {
+        fail("the connection closed without an answer", request)
+      }
       continue
     }
     if (result._tag !== "Response") continue
@@ -650,6 +676,9 @@ const check = (
         case ProblemType.BodyTooLarge:
           if (!bodyTooLarge) fail("a body within the limit refused as too large", request)
           break
+        case ProblemType.BodyUnreadable:
+          if (!truncated || multipart) fail("a whole body refused as unreadable", request)
+          break
         case ProblemType.KeyReused:
           if (stored === undefined || stored.identity === identity) {
             fail("a key-reused problem without another request stored", request, stored)
@@ -677,6 +706,9 @@ const check = (
     if (covered && template.key?.expect === "invalid") fail("an invalid key accepted", request)
     if (covered && template.key === undefined && config.required) fail("a missing key accepted", request)
     if (covered && template.key !== undefined && bodyTooLarge) fail("a body over the limit accepted", request)
+    if (covered && template.key !== undefined && truncated && !multipart) {
+      fail("a body cut off accepted", request)
+    }
 
     if (replayed !== undefined) {
       seen.replays++
