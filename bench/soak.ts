@@ -152,22 +152,26 @@ const outcomeOf = (exit: Exit.Exit<number, unknown>): Outcome => {
  * The workload: `calls` wrap calls spread over a fixed pool of workers, each picking scenarios at
  * random. Every scenario checks what it can of the outcome; anything else is counted by kind.
  */
+/** The store as three layers would see it, each with its own local flights. */
+const layersOf = (store: Storage.StorageService) => ({
+  store,
+  // Another layer on the same store, as another process would be.
+  other: Storage.make({ ...store }),
+  // Renewals that answer only after the lease ended: every run longer than the lease loses it.
+  slowRenew: Storage.make({
+    ...store,
+    renew: (lease, duration) => Effect.zipRight(Effect.sleep(duration), store.renew(lease, duration))
+  })
+})
+
 const workload = (
-  store: Storage.StorageService,
+  { other, slowRenew, store }: ReturnType<typeof layersOf>,
   calls: number,
   random: () => number,
   anomalies: Map<string, number>,
   outcomes: Map<string, number>,
   prefix: string
 ) => {
-  // Another layer on the same store, with its own local flights, as another process would be.
-  const other = Storage.make({ ...store })
-  // Renewals that answer only after the lease ended: every run longer than the lease loses it.
-  const slowRenew = Storage.make({
-    ...store,
-    renew: (lease, duration) => Effect.zipRight(Effect.sleep(duration), store.renew(lease, duration))
-  })
-
   let issued = 0
   let keys = 0
   let runs = 0
@@ -421,11 +425,12 @@ export const runSoak = async (options: SoakOptions): Promise<SoakResult> => {
     // Warms the code paths up on a store of its own, so the baseline is not the first call's heap.
     yield* Effect.scoped(Effect.flatMap(
       MemoryStorage.make(storeOptions),
-      (store) => workload(store, Math.min(5_000, Math.ceil(options.calls / 4)), random, anomalies, new Map(), "warmup")
+      (store) =>
+        workload(layersOf(store), Math.min(5_000, Math.ceil(options.calls / 4)), random, anomalies, new Map(), "warmup")
     ))
     const scope = yield* Scope.make()
     const store = yield* Scope.extend(MemoryStorage.make(storeOptions), scope)
-    const other = Storage.make({ ...store })
+    const layers = layersOf(store)
     const sample = () => {
       const counts = internalDiagnostics.memoryCounts(store)!
       return [
@@ -433,7 +438,7 @@ export const runSoak = async (options: SoakOptions): Promise<SoakResult> => {
         ["pending timers (incl. unref'd)", timers.pending()],
         ["active handles/resources", process.getActiveResourcesInfo().length],
         ["live fibers", fibers.live],
-        ["local flights", LocalFlights.count(store) + LocalFlights.count(other)],
+        ["local flights", Object.values(layers).reduce((sum, layer) => sum + LocalFlights.count(layer), 0)],
         ["store watchers", counts.watchers],
         ["store in-flight keys", counts.inFlight],
         ["store records", counts.completed]
@@ -444,7 +449,10 @@ export const runSoak = async (options: SoakOptions): Promise<SoakResult> => {
     const lag = monitorEventLoopDelay({ resolution: 10 })
     lag.enable()
     const started = performance.now()
-    const issued = yield* Effect.supervised(workload(store, options.calls, random, anomalies, outcomes, "soak"), fibers)
+    const issued = yield* Effect.supervised(
+      workload(layers, options.calls, random, anomalies, outcomes, "soak"),
+      fibers
+    )
     const durationMs = performance.now() - started
     lag.disable()
     yield* settle(gc, settleMillis)
