@@ -760,6 +760,8 @@ const check = (
 const fixedSeed = 20261202
 const envRuns = process.env["PROPERTY_RUNS"] === undefined ? undefined : Number(process.env["PROPERTY_RUNS"])
 const envSeed = process.env["PROPERTY_SEED"] === undefined ? undefined : Number(process.env["PROPERTY_SEED"])
+// A full-size run takes about half a second a scenario on a loaded machine.
+const timeout = Math.max(120_000, (envRuns ?? 0) * 2_000)
 
 const assertProperty = (
   storage: () => Layer.Layer<Storage.Storage, unknown>,
@@ -782,12 +784,12 @@ const redis = () =>
   RedisStorage.layer({ url: Redacted.make(redisUrl), prefix: `idem-http-fuzz-${redisRun}-${++redisStores}` })
 
 describe("IdempotencyMiddleware under HTTP fuzzing", () => {
-  it.live("memory storage, fixed seed", () => assertProperty(memory, fixedSeed, envRuns ?? 40), { timeout: 300_000 })
+  it.live("memory storage, fixed seed", () => assertProperty(memory, fixedSeed, envRuns ?? 40), { timeout })
 
   it.live(
     "memory storage, random seed",
     () => assertProperty(memory, envSeed, envRuns === undefined ? 15 : Math.ceil(envRuns / 4)),
-    { timeout: 300_000 }
+    { timeout }
   )
 
   it.live(
@@ -797,7 +799,7 @@ describe("IdempotencyMiddleware under HTTP fuzzing", () => {
         assertProperty(redis, fixedSeed + 1, envRuns === undefined ? 8 : Math.ceil(envRuns / 4)),
         assertProperty(redis, envSeed, envRuns === undefined ? 4 : Math.ceil(envRuns / 8))
       ),
-    { timeout: 300_000 }
+    { timeout }
   )
 
   it.live("what the fuzzing saw", () =>
