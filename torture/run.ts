@@ -131,7 +131,9 @@ const answered = (files: ReadonlyArray<string>): Array<string> => {
 type MutableIncarnation = { -readonly [K in keyof Incarnation]: Incarnation[K] }
 
 interface Slot {
-  current: Option.Option<{ readonly worker: Worker<WorkerMessage>; readonly incarnation: MutableIncarnation }>
+  current: Option.Option<
+    { readonly worker: Worker<WorkerMessage>; readonly incarnation: MutableIncarnation; readonly readyAt: number }
+  >
   finished: boolean
   killedAt: number | undefined
   downMillis: number
@@ -184,8 +186,8 @@ export const runTorture = (options: TortureOptions): Effect.Effect<BackendResult
           slot.killedAt = undefined
           const ended = yield* Effect.scoped(Effect.gen(function*() {
             const worker = yield* spawnWorker<WorkerMessage>("../../torture/worker.ts", config)
-            yield* worker.next("ready", "60 seconds")
-            slot.current = Option.some({ worker, incarnation: record })
+            yield* worker.next("ready", "2 minutes")
+            slot.current = Option.some({ worker, incarnation: record, readyAt: Date.now() })
             return yield* Effect.either(worker.next("done", options.timeout))
           }))
           slot.current = Option.none()
@@ -222,8 +224,13 @@ export const runTorture = (options: TortureOptions): Effect.Effect<BackendResult
         switch (fault._tag) {
           case "KillWorker": {
             // Waits for a running worker (one may be restarting) unless all have finished.
+            // A worker just restarted is given a moment to get back into its calls first.
             const running = () =>
-              slots.flatMap((slot, index) => Option.isSome(slot.current) && !slot.finished ? [index] : [])
+              slots.flatMap((slot, index) =>
+                Option.isSome(slot.current) && !slot.finished && Date.now() - slot.current.value.readyAt >= 300
+                  ? [index]
+                  : []
+              )
             yield* Effect.repeat(Effect.sleep("20 millis"), {
               until: () => running().length > 0 || slots.every((slot) => slot.finished)
             })
@@ -338,6 +345,7 @@ export const reducedSize = (backend: Backend, seed: number): TortureOptions => (
   connectionKills: backend === "redis" || backend === "postgres" ? 1 : 0,
   serverRestarts: 0,
   concurrency: 2,
+  leaseMillis: 2000,
   gapMillis: [200, 700],
   timeout: "3 minutes"
 })

@@ -18,16 +18,25 @@ const emit = (message: WorkerMessage) => Effect.sync(() => process.stdout.write(
 const logFd = openSync(config.logFile, "a")
 const log = (line: LogLine) => writeSync(logFd, `${JSON.stringify(line)}\n`)
 
+const next = random(config.seed * 7919 + config.index * 104729 + config.incarnation * 1299709)
+
+/** Up to 50 milliseconds. */
+const pause = () => Effect.suspend(() => Effect.sleep(Duration.millis(next() * 50)))
+
 /** Logs what the store answered to this process: acquisitions, renewals, commits, releases. */
 const logged = (storage: Storage.StorageService): Storage.StorageService =>
   Storage.make({
     ...storage,
     acquire: (request) => {
       const sent = Date.now()
+      // A pause after an acquisition widens the moment a kill lands between acquire and run.
       return Effect.tap(storage.acquire(request), (result) =>
-        Effect.sync(() => {
-          if (result._tag === "Acquired") log({ e: "acq", k: result.lease.key, f: result.lease.fence, sent })
-        }))
+        result._tag === "Acquired"
+          ? Effect.zipRight(
+            Effect.sync(() => log({ e: "acq", k: result.lease.key, f: result.lease.fence, sent })),
+            pause()
+          )
+          : Effect.void)
     },
     renew: (lease, duration) => {
       const sent = Date.now()
@@ -36,13 +45,20 @@ const logged = (storage: Storage.StorageService): Storage.StorageService =>
           if (renewed) log({ e: "ren", k: lease.key, f: lease.fence, sent })
         }))
     },
-    commit: (lease, request) => {
-      const sent = Date.now()
-      return Effect.tap(
-        storage.commit(lease, request),
-        (ok) => Effect.sync(() => log({ e: "com", k: lease.key, f: lease.fence, sent, ok }))
-      )
-    },
+    // Pauses before and after a commit widen the moments a kill lands after the run and before the
+    // commit, or after the store committed and before this process heard.
+    commit: (lease, request) =>
+      Effect.zipRight(
+        pause(),
+        Effect.suspend(() => {
+          const sent = Date.now()
+          return Effect.tap(
+            storage.commit(lease, request),
+            (ok) =>
+              Effect.zipRight(pause(), Effect.sync(() => log({ e: "com", k: lease.key, f: lease.fence, sent, ok })))
+          )
+        })
+      ),
     release: (lease) => {
       const sent = Date.now()
       return Effect.tap(
@@ -56,7 +72,6 @@ const storageLayer = Layer.effect(Storage.Storage, Effect.map(Storage.Storage, l
   Layer.provide(storeLayer(config.store))
 )
 
-const next = random(config.seed * 7919 + config.index * 104729 + config.incarnation * 1299709)
 const lease = Duration.millis(config.leaseMillis)
 const wait = { wait: Duration.millis(config.leaseMillis * 3) }
 
