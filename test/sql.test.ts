@@ -582,6 +582,34 @@ for (const c of cases) {
         ))
     })
 
+    describe("a commit retried by the token that stored the record", () => {
+      it.live("is answered as done and changes nothing, nor brings back a record deleted by its fence", () =>
+        withClient(
+          c,
+          Effect.gen(function*() {
+            const storage = yield* storageOn()
+            const key = uniqueKey("recommit")
+            const owner = acquired(yield* storage.acquire({ key, fingerprint: "fp", lease: longLease }))
+            const first = { outcome: "success", payload: new Uint8Array([1]), ttl: Duration.minutes(1) } as const
+            assert.isTrue(yield* storage.commit(owner, first))
+            const stored = Option.getOrThrow(yield* storage.read(key))
+            // Its reply was lost, say: the retry is answered as done, and the record stays as it was.
+            assert.isTrue(
+              yield* storage.commit(owner, { outcome: "failure", payload: new Uint8Array([2]), ttl: Duration.hours(1) })
+            )
+            const after = Option.getOrThrow(yield* storage.read(key))
+            assert.deepStrictEqual(after.payload, stored.payload)
+            assert.strictEqual(after.outcome, "success")
+            assert.strictEqual(after.expiresAt - after.createdAt, 60_000)
+            assert.strictEqual(after.createdAt, stored.createdAt)
+            // Once deleted by its fence, a late retry does not bring it back.
+            yield* storage.delete(key, owner.fence)
+            yield* storage.commit(owner, first)
+            assert.isTrue(Option.isNone(yield* storage.read(key)))
+          })
+        ))
+    })
+
     describe("delete by fence", () => {
       it.live(
         "drops only the completed record carrying the fence: not another fence, not a lease; wakes waiters",

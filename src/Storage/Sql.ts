@@ -345,11 +345,14 @@ const postgresFunctionsDdl = (table: string): ReadonlyArray<string> => {
     BEGIN
       UPDATE ${t} SET state = 'completed', outcome = p_outcome, payload = p_payload, created_at = at,
         expires_at = at + p_ttl_millis * interval '1 millisecond'
-      WHERE key_hash = p_hash AND token = p_token AND state IN ('in_flight', 'completed');
-      committed := FOUND;
-      IF committed THEN
+      WHERE key_hash = p_hash AND token = p_token AND state = 'in_flight';
+      IF FOUND THEN
         PERFORM pg_notify('${channelOf(table)}', encode(p_hash, 'hex'));
+        RETURN true;
       END IF;
+      -- A retry of a commit that landed: answered as done, and the stored record left as it is.
+      SELECT EXISTS (SELECT 1 FROM ${t} WHERE key_hash = p_hash AND token = p_token AND state = 'completed')
+        INTO committed;
       RETURN committed;
     END
     $body$`
@@ -506,6 +509,15 @@ const postgres = (sql: SqlClient.SqlClient, table: string): Dialect => {
   }
 }
 
+// A retried commit whose first try landed finds its token on the completed row: answered as done,
+// with the record left as it is (writing it again would move its TTL, and bring back a record that
+// has since expired or been deleted by its fence).
+const committedBeforeOn = (sql: SqlClient.SqlClient, table: string) => (hash: Buffer, token: string) =>
+  Effect.map(
+    sql`SELECT 1 AS done FROM ${sql(table)} WHERE key_hash = ${hash} AND token = ${token} AND state = 'completed'`,
+    (rows) => rows.length > 0
+  )
+
 const mysql = (sql: SqlClient.SqlClient, table: string): Dialect => {
   const t = sql(table)
   // UTC, so that no session time zone or daylight saving change moves it; fixed for a statement.
@@ -514,6 +526,7 @@ const mysql = (sql: SqlClient.SqlClient, table: string): Dialect => {
   const columns = sql`token, state, idempotency_key, fingerprint, fence, outcome, payload, created_at, expires_at,
     ${nowMillis} AS now`
   const affected = (result: unknown) => Predicate.hasProperty(result, "affectedRows") && Number(result.affectedRows) > 0
+  const committedBefore = committedBeforeOn(sql, table)
 
   return {
     name: "mysql",
@@ -571,14 +584,13 @@ const mysql = (sql: SqlClient.SqlClient, table: string): Dialect => {
       ),
 
     commit: (hash, token, outcome, payload, ttlMillis) =>
-      Effect.map(
+      Effect.flatMap(
         sql`
           UPDATE ${t} SET state = 'completed', outcome = ${outcome}, payload = ${payload},
             created_at = ${nowMillis}, expires_at = ${nowMillis} + CAST(${ttlMillis} AS SIGNED)
-          WHERE key_hash = ${hash} AND token = ${token}
-            AND (state = 'completed' OR (state = 'in_flight' AND expires_at > ${nowMillis}))
+          WHERE key_hash = ${hash} AND token = ${token} AND state = 'in_flight' AND expires_at > ${nowMillis}
         `.raw,
-        affected
+        (result) => affected(result) ? Effect.succeed(true) : committedBefore(hash, token)
       ),
 
     release: (hash, token) =>
@@ -620,6 +632,7 @@ const mysql = (sql: SqlClient.SqlClient, table: string): Dialect => {
 
 const sqlite = (sql: SqlClient.SqlClient, table: string): Dialect => {
   const t = sql(table)
+  const committedBefore = committedBeforeOn(sql, table)
   // SQLite fixes 'now' for the whole statement; its resolution is one millisecond.
   const nowMillis = sql.literal("CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)")
   const columns = sql`token, state, idempotency_key, fingerprint, fence, outcome, payload, created_at, expires_at,
@@ -681,15 +694,14 @@ const sqlite = (sql: SqlClient.SqlClient, table: string): Dialect => {
       ),
 
     commit: (hash, token, outcome, payload, ttlMillis) =>
-      Effect.map(
+      Effect.flatMap(
         sql`
           UPDATE ${t} SET state = 'completed', outcome = ${outcome}, payload = ${payload},
             created_at = ${nowMillis}, expires_at = ${nowMillis} + CAST(${ttlMillis} AS INTEGER)
-          WHERE key_hash = ${hash} AND token = ${token}
-            AND (state = 'completed' OR (state = 'in_flight' AND expires_at > ${nowMillis}))
+          WHERE key_hash = ${hash} AND token = ${token} AND state = 'in_flight' AND expires_at > ${nowMillis}
           RETURNING 1 AS committed
         `,
-        (rows) => rows.length > 0
+        (rows) => rows.length > 0 ? Effect.succeed(true) : committedBefore(hash, token)
       ),
 
     release: (hash, token) =>

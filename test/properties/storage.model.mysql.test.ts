@@ -9,17 +9,13 @@ import * as SqlStorage from "../../src/Storage/Sql.js"
 import { dropTable, mysqlClient, uniqueTable } from "../fixtures/sqlClients.js"
 import { realTimePlan, realTimeSemantics, realTimeSpace, runRealTime, stats } from "../fixtures/StorageModel.js"
 
-// Reported by this property: a commit by the token that stored a completed record rewrites it
-// (see `Semantics.recommitRewrites`). Once Sql.ts answers such a retry without writing, set false.
-const recommitRewrites = true
-
 const table = uniqueTable("model_mysql")
 const runtime = ManagedRuntime.make(SqlStorage.layer({ table }).pipe(Layer.provide(mysqlClient())))
 
 describe("storage model: MariaDB", () => {
   it(
     "every step agrees with the model",
-    () => runRealTime(runtime, realTimeSemantics({ recommitRewrites }), realTimePlan, realTimeSpace),
+    () => runRealTime(runtime, realTimeSemantics(), realTimePlan, realTimeSpace),
     realTimePlan.testTimeoutMs
   )
 

@@ -9,10 +9,6 @@ import * as SqlStorage from "../../src/Storage/Sql.js"
 import { dropTable, pgClient, uniqueTable } from "../fixtures/sqlClients.js"
 import { realTimePlan, realTimeSemantics, realTimeSpace, runRealTime, stats } from "../fixtures/StorageModel.js"
 
-// Reported by this property: a commit by the token that stored a completed record rewrites it
-// (see `Semantics.recommitRewrites`). Once Sql.ts answers such a retry without writing, set false.
-const recommitRewrites = true
-
 const table = uniqueTable("model_pg")
 const runtime = ManagedRuntime.make(
   SqlStorage.layer({ table }).pipe(Layer.provide(pgClient({ applicationName: `${table}-model` })))
@@ -26,8 +22,7 @@ describe("storage model: PostgreSQL", () => {
         // Documented: commit checks the token under the row lock, not the lease end; a lease ends
         // at the later of the acquire's end and the last renewal's.
         commitAfterLeaseEnd: true,
-        leaseEndIsLaterOfAcquireAndRenewal: true,
-        recommitRewrites
+        leaseEndIsLaterOfAcquireAndRenewal: true
       }),
       realTimePlan,
       realTimeSpace

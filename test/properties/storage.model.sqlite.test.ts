@@ -10,10 +10,6 @@ import * as SqlStorage from "../../src/Storage/Sql.js"
 import { makeTempDir, sqliteClient, uniqueTable } from "../fixtures/sqlClients.js"
 import { realTimePlan, realTimeSemantics, realTimeSpace, runRealTime, stats } from "../fixtures/StorageModel.js"
 
-// Reported by this property: a commit by the token that stored a completed record rewrites it
-// (see `Semantics.recommitRewrites`). Once Sql.ts answers such a retry without writing, set false.
-const recommitRewrites = true
-
 const dir = makeTempDir("idem-sqlite-model")
 const file = ManagedRuntime.make(
   SqlStorage.layer({ table: uniqueTable("model") }).pipe(Layer.provide(sqliteClient(join(dir.path, "model.db"))))
@@ -25,13 +21,13 @@ const memory = ManagedRuntime.make(
 describe("storage model: SQLite", () => {
   it(
     "a file: every step agrees with the model",
-    () => runRealTime(file, realTimeSemantics({ recommitRewrites }), realTimePlan, realTimeSpace),
+    () => runRealTime(file, realTimeSemantics(), realTimePlan, realTimeSpace),
     realTimePlan.testTimeoutMs
   )
 
   it(
     ":memory:: every step agrees with the model",
-    () => runRealTime(memory, realTimeSemantics({ recommitRewrites }), realTimePlan, realTimeSpace),
+    () => runRealTime(memory, realTimeSemantics(), realTimePlan, realTimeSpace),
     realTimePlan.testTimeoutMs
   )
 
