@@ -38,10 +38,20 @@ const soak = Effect.tryPromise(() =>
 const program = Effect.gen(function*() {
   console.log(`torture: seed ${seed} (TORTURE_SEED=${seed} runs it again), backends ${chosen.join(", ")}`)
   const results: Array<BackendResult> = []
+  const unfinished: Array<string> = []
   for (const backend of chosen) {
-    const result = yield* runTorture({ ...fullSize(backend, seed), log: (line) => console.log(line) })
-    results.push(result)
-    for (const problem of result.problems) console.log(`  ${problem}`)
+    const outcome = yield* Effect.either(runTorture({ ...fullSize(backend, seed), log: (line) => console.log(line) }))
+    if (outcome._tag === "Left") {
+      // A run that could not finish (a worker that never started, a store that went away) is
+      // reported and the others go on.
+      const error = outcome.left as { readonly message?: string }
+      const message = (error.message ?? String(outcome.left)).split("\n")[0]!
+      console.log(`${backend}: the run did not finish: ${message}`)
+      unfinished.push(`${backend} (${message})`)
+      continue
+    }
+    results.push(outcome.right)
+    for (const problem of outcome.right.problems) console.log(`  ${problem}`)
   }
   const figures = table(results)
   console.log(`\n${figures}\n`)
@@ -55,6 +65,7 @@ const program = Effect.gen(function*() {
     `Measured ${date} on ${machine()}, seed ${seed}.`,
     "",
     figures,
+    ...(unfinished.length === 0 ? [] : ["", `Did not finish: ${unfinished.join("; ")}.`]),
     "",
     "Soak:",
     "",
@@ -64,7 +75,7 @@ const program = Effect.gen(function*() {
   const failed = results.some((result) =>
     result.doubleRuns + result.stuckKeys + result.fenceErrors + result.valueMismatches > 0
   )
-  if (failed) process.exitCode = 1
+  if (failed || unfinished.length > 0) process.exitCode = 1
 })
 
 Effect.runPromise(program).catch((error) => {

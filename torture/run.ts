@@ -162,6 +162,7 @@ export const runTorture = (options: TortureOptions): Effect.Effect<BackendResult
     }
     const startedAt = Date.now()
     let crashes = 0
+    let startFailures = 0
 
     /** Runs worker `index` to its end, starting it again each time it is killed. */
     const supervise = (index: number) =>
@@ -184,16 +185,28 @@ export const runTorture = (options: TortureOptions): Effect.Effect<BackendResult
           }
           incarnations.push(record)
           slot.killedAt = undefined
-          const ended = yield* Effect.scoped(Effect.gen(function*() {
+          let started = false
+          const ended = yield* Effect.either(Effect.scoped(Effect.gen(function*() {
             const worker = yield* spawnWorker<WorkerMessage>("../../torture/worker.ts", config)
             yield* worker.next("ready", "2 minutes")
+            started = true
             slot.current = Option.some({ worker, incarnation: record, readyAt: Date.now() })
-            return yield* Effect.either(worker.next("done", options.timeout))
-          }))
+            return yield* worker.next("done", options.timeout)
+          })))
           slot.current = Option.none()
           if (ended._tag === "Right") {
             slot.finished = true
             return
+          }
+          if (!started) {
+            // Its storage layer could not be built (the Redis server is restarting): it made no
+            // call. Start it again, as a service's supervisor would.
+            startFailures++
+            record.diedAt = Date.now()
+            say(`${options.backend}: worker ${index} could not start: ${ended.left.message.split("\n")[0]}`)
+            if (startFailures > 40) return yield* ended.left
+            yield* Effect.sleep("500 millis")
+            continue
           }
           if (slot.killedAt === undefined) {
             // Not the killer's doing: report it, and go on as after a kill.
