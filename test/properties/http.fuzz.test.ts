@@ -505,8 +505,8 @@ const runScenario = (scenario: Scenario, storage: () => Layer.Layer<Storage.Stor
           }),
         { concurrency: "unbounded" }
       )
-      if (abort) {
-        // The client left: its run goes on; wait for every run to end.
+      if (abort || template.body._tag === "truncated") {
+        // The client left (or stopped sending): its run goes on; wait for every run to end.
         yield* Effect.suspend(() => log.running === 0 ? Effect.void : Effect.fail("running")).pipe(
           Effect.retry(Schedule.spaced("20 millis").pipe(Schedule.upTo("10 seconds"))),
           Effect.orDie
@@ -623,10 +623,14 @@ const check = (
       }
       if (run.interrupted === true) {
         if (covered && keyValue !== undefined) fail("a run the middleware keeps was interrupted", request, run)
-        if (!aborted) fail("a run was interrupted, and its client did not leave", request, run)
+        if (!aborted && !truncated) fail("a run was interrupted, and its client did not leave", request, run)
         continue
       }
-      if (result._tag === "Closed") {
+      // A body the client stopped sending that the middleware leaves to the handler (multipart):
+      // Node may answer 400 itself while the run goes on.
+      const nodeRefused = truncated && result._tag === "Response" && result.status === 400 &&
+        headerOf(result, "content-type") === undefined && headerOf(result, "x-fuzz-run") === undefined
+      if (result._tag === "Closed" || nodeRefused) {
         if (!aborted && !truncated) fail("the connection closed on a request whose handler ran", request)
         if (covered && modelKey !== undefined && storable(run.status!, request.step.action)) {
           model.set(modelKey, {
