@@ -384,9 +384,93 @@ describe("Idempotent.wrap: faults found by the properties of test/properties/wra
       yield* TestClock.adjust("3 seconds")
       assert.strictEqual(yield* Effect.provideService(job("B"), Storage.Storage, otherProcess(store).storage), "B")
       yield* TestClock.adjust("1 second")
-      failsWith(yield* ended(a), IdempotencyLeaseLost)
+      // A gave up on the store at its deadline (lease - margin), before any answer.
+      assert.strictEqual(failsWith(yield* ended(a), IdempotencyStorageError).operation, "acquire")
       assert.deepStrictEqual(starts, [["B", 3000]])
       // B's result is the key's.
       assert.strictEqual(yield* Effect.provideService(job("C"), Storage.Storage, otherProcess(store).storage), "B")
     }).pipe(Effect.provide(MemoryStorage.layer())))
+})
+
+describe("Idempotent.wrap: a storage call that never answers holds no caller and no key forever", () => {
+  const hangs = (operation: "acquire" | "commit" | "release" | "watch") =>
+    countingLayer((inner) => {
+      let hung = false
+      const once = <A, E, R>(call: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
+        Effect.suspend(() => {
+          if (hung) return call
+          hung = true
+          return Effect.never
+        })
+      return {
+        acquire: operation === "acquire" ? (request) => once(inner.acquire(request)) : inner.acquire,
+        commit: operation === "commit" ? (lease, request) => once(inner.commit(lease, request)) : inner.commit,
+        release: operation === "release" ? (lease) => once(inner.release(lease)) : inner.release,
+        watch: operation === "watch" ? (key) => once(inner.watch(key)) : inner.watch
+      }
+    })
+
+  it.effect("an acquire that hangs: the caller and its local duplicate fail with a storage error within the lease; the next call runs", () =>
+    Effect.gen(function*() {
+      let runs = 0
+      const call = Effect.sync(() => ++runs).pipe(
+        Idempotent.wrap({ key: "acquire-hangs", lease: "3 seconds", onInFlight: { wait: "10 seconds" } })
+      )
+      const first = yield* Effect.fork(call)
+      const duplicate = yield* Effect.fork(call)
+      yield* TestClock.adjust("3 seconds")
+      assert.strictEqual(failsWith(yield* ended(first), IdempotencyStorageError).operation, "acquire")
+      assert.strictEqual(failsWith(yield* ended(duplicate), IdempotencyStorageError).operation, "acquire")
+      assert.strictEqual(yield* call, 1)
+    }).pipe(Effect.provide(hangs("acquire"))))
+
+  it.effect("a commit that hangs: IdempotencyResultNotStored once the lease has ended; the next call runs", () =>
+    Effect.gen(function*() {
+      let runs = 0
+      const call = Effect.sync(() => ++runs).pipe(Idempotent.wrap({ key: "commit-hangs", lease: "3 seconds" }))
+      const first = yield* Effect.fork(call)
+      yield* TestClock.adjust("4 seconds")
+      assert.strictEqual(failsWith(yield* ended(first), IdempotencyResultNotStored).reason, "storage-failed")
+      assert.strictEqual(yield* call, 2)
+      assert.strictEqual(yield* call, 2)
+    }).pipe(Effect.provide(hangs("commit"))))
+
+  it.effect("a release that hangs: the caller gets its own failure once the lease has ended; the next call runs", () =>
+    Effect.gen(function*() {
+      let runs = 0
+      const call = Effect.suspend(() => ++runs === 1 ? Effect.die("boom") : Effect.succeed(runs)).pipe(
+        Idempotent.wrap({ key: "release-hangs", lease: "3 seconds" })
+      )
+      const first = yield* Effect.fork(call)
+      yield* TestClock.adjust("4 seconds")
+      const exit = yield* ended(first)
+      assert.isTrue(exit._tag === "Failure" && exit.cause._tag === "Die")
+      assert.strictEqual(yield* call, 2)
+    }).pipe(Effect.provide(hangs("release"))))
+
+  it.effect("a watch that hangs: a waiting duplicate fails with a storage error by the end of its wait", () =>
+    Effect.gen(function*() {
+      const store = yield* Storage.Storage
+      const other = otherProcess(store).storage
+      const first = yield* Effect.fork(
+        Effect.provideService(
+          Effect.sleep("5 seconds").pipe(
+            Effect.as("first"),
+            Idempotent.wrap({ key: "watch-hangs", lease: "3 seconds" })
+          ),
+          Storage.Storage,
+          other
+        )
+      )
+      yield* TestClock.adjust(Duration.zero)
+      const waiter = yield* Effect.fork(
+        Effect.succeed("second").pipe(
+          Idempotent.wrap({ key: "watch-hangs", lease: "3 seconds", onInFlight: { wait: "2 seconds" } })
+        )
+      )
+      yield* TestClock.adjust("2 seconds")
+      assert.strictEqual(failsWith(yield* ended(waiter), IdempotencyStorageError).operation, "watch")
+      yield* TestClock.adjust("4 seconds")
+      assert.strictEqual(successOf(yield* ended(first)), "first")
+    }).pipe(Effect.provide(hangs("watch"))))
 })

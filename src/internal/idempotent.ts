@@ -201,6 +201,25 @@ export const run = <A, E, R>(
       )
     const storageFailed = (error: IdempotencyStorageError) =>
       Effect.zipRight(Metric.increment(counters.storageErrors), Effect.fail(error))
+    // A storage call the protocol waits on, given up on after `millis` (the time left that its
+    // answer could still matter): a custom backend that never answers must not hold a caller, or a
+    // key's local flight, forever. Interrupted on timeout, as a cancelled statement is.
+    const bounded = <A, R>(
+      operation: string,
+      call: Effect.Effect<A, IdempotencyStorageError, R>,
+      millis: number
+    ): Effect.Effect<A, IdempotencyStorageError, R> =>
+      Effect.flatMap(
+        wait.runWithin(Effect.interruptible(call), Math.max(0, millis)),
+        (exit) =>
+          exit ?? Effect.fail(
+            new IdempotencyStorageError({
+              key,
+              operation,
+              cause: new Error(`the store did not answer within ${Math.max(0, Math.round(millis))} ms`)
+            })
+          )
+      )
     const notStored = (reason: ResultNotStoredReason, detail: string, cause?: unknown) =>
       Effect.failSync(() =>
         new IdempotencyResultNotStored(cause === undefined ? { key, reason, detail } : { key, reason, detail, cause })
@@ -223,7 +242,10 @@ export const run = <A, E, R>(
 
     return Effect.uninterruptibleMask((restore) => {
       const acquire = Effect.suspend(() =>
-        Effect.catchAll(LocalFlights.acquire(storage, request, clock.unsafeCurrentTimeMillis()), storageFailed)
+        Effect.catchAll(
+          LocalFlights.acquire(storage, request, clock.unsafeCurrentTimeMillis(), leaseMillis - marginMillis),
+          storageFailed
+        )
       )
 
       // A record this version cannot read (another schema, a newer format) is, on request,
@@ -278,7 +300,10 @@ export const run = <A, E, R>(
       const waitForStore: Effect.Effect<LocalFlights.Shared, IdempotencyStorageError> = Effect.suspend(() =>
         Effect.scoped(
           Effect.flatMap(
-            Effect.catchAll(storage.watch(storageKey), storageFailed),
+            Effect.catchAll(
+              bounded("watch", storage.watch(storageKey), waitUntil - clock.unsafeCurrentTimeMillis()),
+              storageFailed
+            ),
             (changed): Effect.Effect<Waited, IdempotencyStorageError, Scope.Scope> =>
               Effect.flatMap(acquire, (shared) => {
                 const result = shared.result
@@ -465,10 +490,15 @@ export const run = <A, E, R>(
         return loop(leaseMillis / 3)
       }
 
+      // How long the store may still hold this caller's lease, at least the safety margin.
+      const untilLeaseEnds = (flight: LocalFlights.Flight) =>
+        Math.max(flight.leaseExpiresAt - clock.unsafeCurrentTimeMillis(), marginMillis)
+
       const pastDeadline = (flight: LocalFlights.Flight) => clock.unsafeCurrentTimeMillis() >= deadlineOf(flight)
 
+      // Past the lease, a release has nothing left to free: it is not waited for longer than that.
       const releaseKey = (lease: Storage.Lease, flight: LocalFlights.Flight) =>
-        storage.release(lease).pipe(
+        bounded("release", storage.release(lease), untilLeaseEnds(flight)).pipe(
           Effect.catchAllCause((cause) =>
             Effect.logWarning("idempotency release failed; the key frees when its lease ends").pipe(
               Effect.annotateLogs({ "idempotency.key_hash": keyHash(storageKey), cause: Cause.pretty(cause) })
@@ -489,7 +519,9 @@ export const run = <A, E, R>(
       ): Effect.Effect<boolean, IdempotencyStorageError> => {
         const attempt = (delayMillis: number): Effect.Effect<boolean, IdempotencyStorageError> =>
           Effect.catchAll(
-            storage.commit(lease, request),
+            // A commit answered after the lease ended changed nothing (the store checks the owner)
+            // or cannot be known to have: either way the result is reported as not stored.
+            bounded("commit", storage.commit(lease, request), untilLeaseEnds(flight)),
             (error) =>
               error.retryable === false || clock.unsafeCurrentTimeMillis() + delayMillis >= deadlineOf(flight)
                 ? Effect.fail(error)

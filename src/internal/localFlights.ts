@@ -3,9 +3,10 @@ import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Exit from "effect/Exit"
 import * as FiberId from "effect/FiberId"
-import type { IdempotencyStorageError } from "../IdempotencyError.js"
+import { IdempotencyStorageError } from "../IdempotencyError.js"
 import type { IdempotencyRecord } from "../IdempotencyRecord.js"
 import type * as Storage from "../Storage.js"
+import * as wait from "./wait.js"
 
 /**
  * In-process deduplication. Concurrent calls for one key in one process share one storage
@@ -77,14 +78,17 @@ const remove = (flights: Map<string, Flight>, flight: Flight) => {
  * Acquires through the store, or joins a local acquire or run already under way.
  *
  * Run it uninterruptibly: a leader's acquired lease must reach the code that releases it. A
- * joiner's wait stays interruptible.
+ * joiner's wait stays interruptible. A store that has not answered within `withinMillis` (past
+ * which a lease it granted could not be used anyway) is given up on with a storage error, shared
+ * with the joiners: a lease it grants later ends by itself.
  *
  * @internal
  */
 export const acquire = (
   storage: Storage.StorageService,
   request: Storage.AcquireRequest,
-  sentAt: number
+  sentAt: number,
+  withinMillis: number
 ): Effect.Effect<Shared, IdempotencyStorageError> =>
   Effect.suspend(() => {
     const flights = flightsOf(storage)
@@ -106,7 +110,18 @@ export const acquire = (
       leaseExpiresAt: sentAt + Duration.toMillis(request.lease)
     }
     flights.set(request.key, flight)
-    return Effect.flatMap(Effect.exit(storage.acquire(request)), (exit) => {
+    const answered = Effect.flatMap(
+      wait.runWithin(Effect.interruptible(storage.acquire(request)), withinMillis),
+      (exit) =>
+        exit ?? Effect.fail(
+          new IdempotencyStorageError({
+            key: request.key,
+            operation: "acquire",
+            cause: new Error(`the store did not answer within ${withinMillis} ms`)
+          })
+        )
+    )
+    return Effect.flatMap(Effect.exit(answered), (exit) => {
       flight.acquired = exit
       if (flight.acquiredSignal !== undefined) Deferred.unsafeDone(flight.acquiredSignal, exit)
       // Only a lease held here keeps the flight; any other answer was shared and is done.

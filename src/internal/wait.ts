@@ -34,7 +34,13 @@ export const within = <A>(
     const signal = Effect.async<A | undefined>((resume) => {
       listen((value) => resume(Effect.succeed(value)))
     })
-    return Effect.raceFirst(signal, Effect.as(Effect.sleep(millis), undefined))
+    // Both sides interruptible: called where the caller cannot be interrupted, the race must
+    // still stop its loser (an uninterruptible sleep on `TestClock` would hold it until the clock
+    // moves).
+    return Effect.raceFirst(
+      Effect.interruptible(signal),
+      Effect.interruptible(Effect.as(Effect.sleep(millis), undefined))
+    )
   }
   return Effect.async<A | undefined>((resume) => {
     let timer: ReturnType<typeof setTimeout> | undefined = undefined
