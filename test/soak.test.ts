@@ -1,12 +1,12 @@
 /**
- * The soak of bench/soak.ts at a reduced size: after 20,000 mixed calls (duplicates, typed
+ * The soak of bench/soak.ts at a reduced size: after 6,000 mixed calls (duplicates, typed
  * failures, defects, interruptions, timeouts, lost leases) and a settle period, nothing the calls
  * held is still held. Counts only: the heap is printed with the table, never asserted.
  */
 import { assert, describe, it } from "@effect/vitest"
 import { formatSoak, runSoak } from "../bench/soak.js"
 
-const calls = 10_000
+const calls = 6_000
 const seed = process.env.SOAK_SEED === undefined ? 20_240_601 : Number(process.env.SOAK_SEED)
 
 describe("soak", () => {
