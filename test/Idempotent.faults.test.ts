@@ -5,7 +5,7 @@
  * options that make no sense.
  */
 import { assert, describe, it } from "@effect/vitest"
-import { Clock, Duration, Effect, Layer, Option, Schedule, Schema, TestClock } from "effect"
+import { Clock, Duration, Effect, Fiber, Layer, Option, Schedule, Schema, TestClock } from "effect"
 import { IdempotencyError, Idempotent, MemoryStorage, Storage } from "../src/index.js"
 import { counted, countingLayer, otherProcess, StorageCounts } from "./fixtures/CountingStorage.js"
 import { ended, failsWith, failureOf, successOf } from "./fixtures/Exits.js"
@@ -473,4 +473,21 @@ describe("Idempotent.wrap: a storage call that never answers holds no caller and
       yield* TestClock.adjust("4 seconds")
       assert.strictEqual(successOf(yield* ended(first)), "first")
     }).pipe(Effect.provide(hangs("watch"))))
+})
+
+describe("Idempotent.wrap: an interrupted leader does not interrupt its local duplicates", () => {
+  it.effect("the first caller is interrupted while its acquire is on its way: the duplicate that joined it still runs", () =>
+    Effect.gen(function*() {
+      let runs = 0
+      const call = Effect.sync(() => ++runs).pipe(
+        Idempotent.wrap({ key: "leader-interrupted", lease: "3 seconds", onInFlight: { wait: "2 seconds" } })
+      )
+      const first = yield* Effect.fork(call)
+      const duplicate = yield* Effect.fork(call)
+      yield* Fiber.interruptFork(first)
+      yield* TestClock.adjust("1 second")
+      assert.strictEqual(successOf(yield* ended(duplicate)), 1)
+    }).pipe(Effect.provide(countingLayer((inner) => ({
+      acquire: (request) => Effect.zipLeft(inner.acquire(request), Effect.sleep("1 millis"))
+    })))))
 })

@@ -210,7 +210,7 @@ export const run = <A, E, R>(
       millis: number
     ): Effect.Effect<A, IdempotencyStorageError, R> =>
       Effect.flatMap(
-        wait.runWithin(Effect.interruptible(call), Math.max(0, millis)),
+        wait.runDetachedWithin(call, Math.max(0, millis)),
         (exit) =>
           exit ?? Effect.fail(
             new IdempotencyStorageError({

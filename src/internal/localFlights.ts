@@ -111,7 +111,7 @@ export const acquire = (
     }
     flights.set(request.key, flight)
     const answered = Effect.flatMap(
-      wait.runWithin(Effect.interruptible(storage.acquire(request)), withinMillis),
+      wait.runDetachedWithin(storage.acquire(request), withinMillis),
       (exit) =>
         exit ?? Effect.fail(
           new IdempotencyStorageError({

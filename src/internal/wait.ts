@@ -93,3 +93,51 @@ export const runWithin = <A, E, R>(
         (exit) => exit === undefined ? Fiber.interrupt(fiber) : Effect.void
       ))
   )
+
+/**
+ * `runWithin` for a caller that must not be interrupted meanwhile: `self` and its timer run as
+ * daemons, so an interruption sent to the caller (held off while it is uninterruptible) does not
+ * reach them and end the storage call for everyone sharing it.
+ *
+ * @internal
+ */
+export const runDetachedWithin = <A, E, R>(
+  self: Effect.Effect<A, E, R>,
+  millis: number
+): Effect.Effect<Exit.Exit<A, E> | undefined, never, R> =>
+  Effect.clockWith((clock) =>
+    Effect.flatMap(Effect.forkDaemon(Effect.interruptible(self)), (fiber) => {
+      if (clock === liveClock) {
+        return Effect.tap(
+          fiberWithin(clock, fiber, millis),
+          (exit) => exit === undefined ? Fiber.interruptFork(fiber) : Effect.void
+        )
+      }
+      return Effect.flatMap(Effect.forkDaemon(Effect.interruptible(Effect.sleep(millis))), (timer) =>
+        Effect.flatMap(
+          Effect.async<Exit.Exit<A, E> | undefined>((resume) => {
+            let fired = false
+            const onCall = (exit: Exit.Exit<A, E>) => {
+              if (fired) return
+              fired = true
+              resume(Effect.succeed(exit))
+            }
+            const onTimer = () => {
+              if (fired) return
+              fired = true
+              resume(Effect.succeed(undefined))
+            }
+            fiber.addObserver(onCall)
+            timer.addObserver(onTimer)
+          }),
+          (exit) =>
+            Effect.as(
+              Effect.zipRight(
+                Fiber.interruptFork(timer),
+                exit === undefined ? Fiber.interruptFork(fiber) : Effect.void
+              ),
+              exit
+            )
+        ))
+    })
+  )
