@@ -324,10 +324,10 @@ const runProperty = (
 }
 
 describe("Idempotent.wrap under faults: memory storage, TestClock", () => {
-  runProperty("faults that answer", scenarioArbitrary(false), MemoryStorage.make(), { fixed: 100, random: 30 })
+  runProperty("faults that answer", scenarioArbitrary(false), MemoryStorage.make(), { fixed: 70, random: 25 })
   runProperty("faults that include calls that never answer", scenarioArbitrary(true), MemoryStorage.make(), {
-    fixed: 100,
-    random: 30
+    fixed: 70,
+    random: 25
   })
 })
 
