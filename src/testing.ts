@@ -300,6 +300,21 @@ export const conformance = <E>(
           expectAcquired(yield* acquireOnce(storage, key, "fp", longLease))
         }))
 
+      test("a commit retried by the token that stored the record is answered as done and changes nothing", (storage) =>
+        Effect.gen(function*() {
+          const key = uniqueKey("recommit")
+          const owner = expectAcquired(yield* acquireOnce(storage, key, "fp", longLease))
+          assert.isTrue(yield* storage.commit(owner, { outcome: "success", payload: bytes("1"), ttl }))
+          const stored = Option.getOrThrow(yield* storage.read(key))
+          if (!storage.capabilities.ownedCommit) return
+          // Its first reply was lost, say: the retry must not read as a lost lease.
+          assert.isTrue(yield* storage.commit(owner, { outcome: "failure", payload: bytes("2"), ttl: longLease }))
+          const after = Option.getOrThrow(yield* storage.read(key))
+          assert.deepStrictEqual(after.payload, stored.payload)
+          assert.strictEqual(after.outcome, "success")
+          assert.strictEqual(after.expiresAt, stored.expiresAt)
+        }))
+
       test("delete with a fence forgets only the completed record carrying it", (storage) =>
         Effect.gen(function*() {
           const key = uniqueKey("delete-fence")

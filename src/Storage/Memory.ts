@@ -61,6 +61,8 @@ export const make = (
     // Insertion order is commit order, so the first entries are the oldest completed records.
     const completed = new Map<string, IdempotencyRecord>()
     const watchers = new Map<string, Set<Deferred.Deferred<void>>>()
+    // The token that stored each record, so that a retried commit is answered as done.
+    const committedBy = new WeakMap<IdempotencyRecord, string>()
     let lastFence = 0
 
     const notify = (key: string) => {
@@ -137,9 +139,13 @@ export const make = (
 
     const commit = (lease: Storage.Lease, request: Storage.CommitRequest) =>
       Effect.map(Clock.currentTimeMillis, (now) => {
-        if (owned(lease, now) === undefined) return false
+        if (owned(lease, now) === undefined) {
+          // A retry of a commit that landed (its reply lost on the way): done, and nothing changes.
+          const record = liveRecord(lease.key, now)
+          return record !== undefined && committedBy.get(record) === lease.token
+        }
         inFlight.delete(lease.key)
-        completed.set(lease.key, {
+        const record: IdempotencyRecord = {
           key: lease.key,
           fingerprint: lease.fingerprint,
           outcome: request.outcome,
@@ -147,7 +153,9 @@ export const make = (
           fence: lease.fence,
           createdAt: now,
           expiresAt: now + Duration.toMillis(request.ttl)
-        })
+        }
+        completed.set(lease.key, record)
+        committedBy.set(record, lease.token)
         notify(lease.key)
         return true
       })
