@@ -9,7 +9,16 @@
 import { Effect } from "effect"
 import { fileURLToPath } from "node:url"
 import { type Backend, backends } from "./protocol.js"
-import { type BackendResult, machine, rewriteDocs, type SoakResult, soakTable, table } from "./report.js"
+import {
+  type BackendResult,
+  type Lang,
+  machine,
+  rewriteDocs,
+  type SoakResult,
+  soakTable,
+  table,
+  wordsOf
+} from "./report.js"
 import { fullSize, runTorture } from "./run.js"
 
 const seed = Number(process.env.TORTURE_SEED ?? Date.now() % 2 ** 31)
@@ -61,16 +70,19 @@ const program = Effect.gen(function*() {
   else console.log(soakTable(soaked))
 
   const date = new Date().toISOString().slice(0, 10)
-  const body = [
-    `Measured ${date} on ${machine()}, seed ${seed}.`,
-    "",
-    figures,
-    ...(unfinished.length === 0 ? [] : ["", `Did not finish: ${unfinished.join("; ")}.`]),
-    "",
-    "Soak:",
-    "",
-    soaked === undefined ? "not available in this run." : soakTable(soaked)
-  ].join("\n")
+  const body = (lang: Lang) => {
+    const words = wordsOf(lang)
+    return [
+      words.measured(date, machine(), seed),
+      "",
+      table(results, lang),
+      ...(unfinished.length === 0 ? [] : ["", `${words.unfinished}: ${unfinished.join("; ")}.`]),
+      "",
+      words.soak,
+      "",
+      soaked === undefined ? words.soakMissing : soakTable(soaked, lang)
+    ].join("\n")
+  }
   for (const file of rewriteDocs(body)) console.log(`wrote ${file}`)
   const failed = results.some((result) =>
     result.doubleRuns + result.stuckKeys + result.fenceErrors + result.valueMismatches > 0

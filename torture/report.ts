@@ -284,21 +284,56 @@ export const logFiles = (dir: string): Array<string> =>
 
 const seconds = (millis: number) => `${(millis / 1000).toFixed(1)} s`
 
-const faults = (result: BackendResult) =>
+/** The languages of the docs, each page with the figures in its own words. */
+export type Lang = "en" | "es"
+
+const words = {
+  en: {
+    header:
+      "| backend | calls | kills | duplicates attempted | runs | runs cut (acquire/run/commit) | retried tries | double runs | stuck keys | fence errors | value mismatches | duration |",
+    workers: "workers",
+    connections: "conn.",
+    server: "server",
+    callsIn: "calls in",
+    soakHeader: "| metric | baseline | after |",
+    measured: (date: string, machine: string, seed: number) => `Measured ${date} on ${machine}, seed ${seed}.`,
+    unfinished: "Did not finish",
+    soak: "Soak:",
+    soakMissing: "not available in this run."
+  },
+  es: {
+    header:
+      "| almacén | llamadas | muertes | duplicados intentados | ejecuciones | ejecuciones cortadas (acquire/ejecución/commit) | reintentos | ejecuciones dobles | claves atascadas | errores de fence | valores distintos | duración |",
+    workers: "procesos",
+    connections: "conex.",
+    server: "servidor",
+    callsIn: "llamadas en",
+    soakHeader: "| métrica | línea base | después |",
+    measured: (date: string, machine: string, seed: number) => `Medido el ${date} en ${machine}, semilla ${seed}.`,
+    unfinished: "No terminaron",
+    soak: "Soak:",
+    soakMissing: "no disponible en esta ejecución."
+  }
+} as const
+
+/** The words of one language, for the figures block. */
+export const wordsOf = (lang: Lang) => words[lang]
+
+const faults = (result: BackendResult, lang: Lang) =>
   [
-    `${result.kills} workers`,
-    ...(result.connectionKills > 0 ? [`${result.connectionKills} conn.`] : []),
-    ...(result.serverRestarts > 0 ? [`${result.serverRestarts} server`] : [])
+    `${result.kills} ${words[lang].workers}`,
+    ...(result.connectionKills > 0 ? [`${result.connectionKills} ${words[lang].connections}`] : []),
+    ...(result.serverRestarts > 0 ? [`${result.serverRestarts} ${words[lang].server}`] : [])
   ].join(" + ")
 
 /** The table of figures, one row per backend. */
-export const table = (results: ReadonlyArray<BackendResult>): string =>
+export const table = (results: ReadonlyArray<BackendResult>, lang: Lang = "en"): string =>
   [
-    "| backend | calls | kills | duplicates attempted | runs | runs cut (acquire/run/commit) | retried tries | double runs | stuck keys | fence errors | value mismatches | duration |",
+    words[lang].header,
     "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ...results.map((result) =>
       `| ${result.backend} | ${result.calls} | ${
-        faults(result)
+        faults(result, lang)
       } | ${result.duplicatesAttempted} | ${result.runs} | ${result.cut.acquire}/${result.cut.run}/${result.cut.commit} | ${result.retries} | ${result.doubleRuns} | ${result.stuckKeys} | ${result.fenceErrors} | ${result.valueMismatches} | ${
         seconds(result.durationMillis)
       } |`
@@ -312,11 +347,11 @@ export interface SoakResult {
   readonly rows: ReadonlyArray<{ readonly metric: string; readonly baseline: number; readonly after: number }>
 }
 
-export const soakTable = (soak: SoakResult): string =>
+export const soakTable = (soak: SoakResult, lang: Lang = "en"): string =>
   [
-    `${soak.calls} calls in ${seconds(soak.durationMs)}.`,
+    `${soak.calls} ${words[lang].callsIn} ${seconds(soak.durationMs)}.`,
     "",
-    "| metric | baseline | after |",
+    words[lang].soakHeader,
     "|---|---:|---:|",
     ...soak.rows.map((row) => `| ${row.metric} | ${row.baseline} | ${row.after} |`)
   ].join("\n")
@@ -334,14 +369,14 @@ export const endMarker = "<!-- torture:figures:end -->"
 
 const repoRoot = fileURLToPath(new URL("..", import.meta.url))
 
-/** Replaces what lies between the markers of `docs/<lang>/reliability.md` with `body`. */
-export const rewriteDocs = (body: string): ReadonlyArray<string> =>
-  ["en", "es"].map((lang) => {
+/** Replaces what lies between the markers of `docs/<lang>/reliability.md` with `body(lang)`. */
+export const rewriteDocs = (body: (lang: Lang) => string): ReadonlyArray<string> =>
+  (["en", "es"] as const).map((lang) => {
     const file = join(repoRoot, "docs", lang, "reliability.md")
     const text = readFileSync(file, "utf8")
     const start = text.indexOf(startMarker)
     const end = text.indexOf(endMarker)
     if (start < 0 || end < start) throw new Error(`${file} has no ${startMarker} ... ${endMarker}`)
-    writeFileSync(file, `${text.slice(0, start + startMarker.length)}\n${body}\n${text.slice(end)}`)
+    writeFileSync(file, `${text.slice(0, start + startMarker.length)}\n${body(lang)}\n${text.slice(end)}`)
     return file
   })
