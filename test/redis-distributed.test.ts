@@ -165,13 +165,24 @@ describe("RedisStorage across instances", () => {
           redis.mget(Array.from({ length: keys }, (_, key) => executionCounter(prefix, key)))
         )
         assert.deepStrictEqual(counters, Array.from({ length: keys }, () => "1"))
-        // A real race: the keys were not all won by one process.
+        // A real race: every key was called from at least two processes (its duplicates are dealt out
+        // among them), and each got the one execution's result. Which process wins a key is up to
+        // the scheduler: on a loaded machine one process has been seen to win all 200, so the spread
+        // is reported, not asserted.
+        const callers = new Map<number, Set<number>>()
+        for (const worker of workers) {
+          for (const message of worker.messages()) {
+            if (message.type === "result") {
+              callers.set(message.key, (callers.get(message.key) ?? new Set()).add(worker.pid))
+            }
+          }
+        }
+        for (let key = 0; key < keys; key++) assert.isAbove(callers.get(key)?.size ?? 0, 1, `key ${key}`)
         const wins = new Map<number, Set<string>>()
         for (const { result } of results) {
           wins.set(result.runner, (wins.get(result.runner) ?? new Set()).add(result.nonce))
         }
         ctx.annotate(`executions per process: ${[...wins.values()].map((nonces) => nonces.size).join(", ")}`)
-        assert.isAbove(wins.size, 1, "one process ran every key")
         for (const runner of wins.keys()) assert.include(workers.map((worker) => worker.pid), runner)
       }),
     50_000

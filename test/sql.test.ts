@@ -608,6 +608,22 @@ for (const c of cases) {
             assert.isTrue(Option.isNone(yield* storage.read(key)))
           })
         ))
+
+      it.live("is refused once the record has expired, as on every other backend", () =>
+        withClient(
+          c,
+          Effect.gen(function*() {
+            const storage = yield* storageOn()
+            const key = uniqueKey("recommit-expired")
+            const owner = acquired(yield* storage.acquire({ key, fingerprint: "fp", lease: longLease }))
+            const request = { outcome: "success", payload: new Uint8Array([1]), ttl: Duration.seconds(1) } as const
+            assert.isTrue(yield* storage.commit(owner, request))
+            assert.isTrue(yield* storage.commit(owner, request))
+            yield* Effect.sleep("1500 millis")
+            assert.isFalse(yield* storage.commit(owner, request))
+            assert.isTrue(Option.isNone(yield* storage.read(key)))
+          })
+        ))
     })
 
     describe("delete by fence", () => {

@@ -110,6 +110,7 @@
  */
 import * as SqlClient from "@effect/sql/SqlClient"
 import type { SqlError } from "@effect/sql/SqlError"
+import type * as Statement from "@effect/sql/Statement"
 import * as Cause from "effect/Cause"
 import * as Clock from "effect/Clock"
 import * as Context from "effect/Context"
@@ -351,8 +352,9 @@ const postgresFunctionsDdl = (table: string): ReadonlyArray<string> => {
         RETURN true;
       END IF;
       -- A retry of a commit that landed: answered as done, and the stored record left as it is.
-      SELECT EXISTS (SELECT 1 FROM ${t} WHERE key_hash = p_hash AND token = p_token AND state = 'completed')
-        INTO committed;
+      SELECT EXISTS (
+        SELECT 1 FROM ${t} WHERE key_hash = p_hash AND token = p_token AND state = 'completed' AND expires_at > at
+      ) INTO committed;
       RETURN committed;
     END
     $body$`
@@ -511,12 +513,15 @@ const postgres = (sql: SqlClient.SqlClient, table: string): Dialect => {
 
 // A retried commit whose first try landed finds its token on the completed row: answered as done,
 // with the record left as it is (writing it again would move its TTL, and bring back a record that
-// has since expired or been deleted by its fence).
-const committedBeforeOn = (sql: SqlClient.SqlClient, table: string) => (hash: Buffer, token: string) =>
-  Effect.map(
-    sql`SELECT 1 AS done FROM ${sql(table)} WHERE key_hash = ${hash} AND token = ${token} AND state = 'completed'`,
-    (rows) => rows.length > 0
-  )
+// has since expired or been deleted by its fence). Once the record has ended it is refused, as on
+// every other backend.
+const committedBeforeOn =
+  (sql: SqlClient.SqlClient, table: string, nowMillis: Statement.Fragment) => (hash: Buffer, token: string) =>
+    Effect.map(
+      sql`SELECT 1 AS done FROM ${sql(table)}
+      WHERE key_hash = ${hash} AND token = ${token} AND state = 'completed' AND expires_at > ${nowMillis}`,
+      (rows) => rows.length > 0
+    )
 
 const mysql = (sql: SqlClient.SqlClient, table: string): Dialect => {
   const t = sql(table)
@@ -526,7 +531,7 @@ const mysql = (sql: SqlClient.SqlClient, table: string): Dialect => {
   const columns = sql`token, state, idempotency_key, fingerprint, fence, outcome, payload, created_at, expires_at,
     ${nowMillis} AS now`
   const affected = (result: unknown) => Predicate.hasProperty(result, "affectedRows") && Number(result.affectedRows) > 0
-  const committedBefore = committedBeforeOn(sql, table)
+  const committedBefore = committedBeforeOn(sql, table, nowMillis)
 
   return {
     name: "mysql",
@@ -632,9 +637,9 @@ const mysql = (sql: SqlClient.SqlClient, table: string): Dialect => {
 
 const sqlite = (sql: SqlClient.SqlClient, table: string): Dialect => {
   const t = sql(table)
-  const committedBefore = committedBeforeOn(sql, table)
   // SQLite fixes 'now' for the whole statement; its resolution is one millisecond.
   const nowMillis = sql.literal("CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)")
+  const committedBefore = committedBeforeOn(sql, table, nowMillis)
   const columns = sql`token, state, idempotency_key, fingerprint, fence, outcome, payload, created_at, expires_at,
     ${nowMillis} AS now`
 
