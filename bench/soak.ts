@@ -27,6 +27,7 @@ import * as internalDiagnostics from "../src/internal/diagnostics.js"
 import * as LocalFlights from "../src/internal/localFlights.js"
 import * as Storage from "../src/Storage.js"
 import * as MemoryStorage from "../src/Storage/Memory.js"
+import { random as seededRandom } from "../torture/protocol.js"
 
 export interface SoakOptions {
   readonly calls: number
@@ -123,17 +124,6 @@ const exposeGc = (): () => void => {
   if (exposed !== undefined) return exposed
   setFlagsFromString("--expose-gc")
   return runInNewContext("gc") as () => void
-}
-
-const mulberry32 = (seed: number) => {
-  let state = seed >>> 0
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0
-    let t = state
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
 }
 
 type Outcome = string
@@ -408,7 +398,7 @@ const settle = (gc: () => void, millis: number) =>
  */
 export const runSoak = async (options: SoakOptions): Promise<SoakResult> => {
   const seed = options.seed ?? Math.floor(Math.random() * 2 ** 31)
-  const random = mulberry32(seed)
+  const random = seededRandom(seed)
   const gc = exposeGc()
   const timers = countTimers()
   const fibers = new LiveFibers()
