@@ -169,6 +169,12 @@ const scan = (body: Uint8Array): Ints | undefined => {
   const open = new Ints(64)
   let expect = Expect.Value
   let done = false
+  // Ends the innermost open container: its start records where it ends.
+  const close = (parent: number) => {
+    tape.data[parent + 1] = tape.length
+    open.length--
+    done = open.length === 0
+  }
   let i = 0
   const length = body.length
 
@@ -189,9 +195,7 @@ const scan = (body: Uint8Array): Ints | undefined => {
         }
         if (byte !== (inObject ? Byte.CloseBrace : Byte.CloseBracket)) return undefined
         i++
-        tape.data[parent + 1] = tape.length
-        open.length--
-        done = open.length === 0
+        close(parent)
         continue
       }
       case Expect.Colon: {
@@ -204,9 +208,7 @@ const scan = (body: Uint8Array): Ints | undefined => {
       case Expect.NameOrClose: {
         if (byte === Byte.CloseBrace && expect === Expect.NameOrClose) {
           i++
-          tape.data[parent + 1] = tape.length
-          open.length--
-          done = open.length === 0
+          close(parent)
           expect = Expect.Next
           continue
         }
@@ -220,9 +222,7 @@ const scan = (body: Uint8Array): Ints | undefined => {
       case Expect.ValueOrClose: {
         if (byte === Byte.CloseBracket && expect === Expect.ValueOrClose) {
           i++
-          tape.data[parent + 1] = tape.length
-          open.length--
-          done = open.length === 0
+          close(parent)
           expect = Expect.Next
           continue
         }
