@@ -185,6 +185,39 @@ export class IdempotencyLeaseLost extends Schema.TaggedError<IdempotencyLeaseLos
 }
 
 /**
+ * The step of the storage protocol that failed: the steps of `Storage` (`acquire`, `renew`,
+ * `commit`, `release`, `read`, `delete`, `watch`), `transaction` for a `transactional` run,
+ * `cleanup` for a backend's sweep of expired records, and the
+ * steps of the basic interface that `Storage.fromBasic` adapts (`get`, `set`, `exists`, `tryLock`,
+ * `unlock`).
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export const StorageOperation = Schema.Literal(
+  "acquire",
+  "renew",
+  "commit",
+  "release",
+  "read",
+  "delete",
+  "watch",
+  "transaction",
+  "cleanup",
+  "get",
+  "set",
+  "exists",
+  "tryLock",
+  "unlock"
+)
+
+/**
+ * @since 0.1.0
+ * @category Errors
+ */
+export type StorageOperation = typeof StorageOperation.Type
+
+/**
  * The storage failed or could not be reached. `operation` names the protocol step (`acquire`,
  * `commit`, ...) and `cause` keeps the backend's own error. `retryable: false` marks a failure
  * that trying again cannot fix (a value larger than the store accepts, say): a commit that fails
@@ -197,7 +230,7 @@ export class IdempotencyStorageError extends Schema.TaggedError<IdempotencyStora
   "effect-idempotency/IdempotencyStorageError"
 )("IdempotencyStorageError", {
   key: Schema.String,
-  operation: Schema.String,
+  operation: StorageOperation,
   cause: Schema.optional(Schema.Defect),
   retryable: Schema.optional(Schema.Boolean)
 }) {
@@ -212,6 +245,38 @@ export class IdempotencyStorageError extends Schema.TaggedError<IdempotencyStora
   get message(): string {
     const cause = this.cause instanceof Error ? `: ${this.cause.message}` : ""
     return `Idempotency storage failed during ${this.operation}${cause}`
+  }
+}
+
+/**
+ * A storage layer could not be built: its options are wrong, its server cannot be reached or is
+ * configured unsafely, or the schema it needs is missing or out of date. It fails the layer, so
+ * the app does not start rather than serving calls it cannot keep idempotent. `backend` names the
+ * storage, `detail` says what to fix and `cause` keeps the underlying error.
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export class IdempotencyStorageSetupError extends Schema.TaggedError<IdempotencyStorageSetupError>(
+  "effect-idempotency/IdempotencyStorageSetupError"
+)("IdempotencyStorageSetupError", {
+  backend: Schema.String,
+  detail: Schema.String,
+  cause: Schema.optional(Schema.Defect)
+}) {
+  /**
+   * @since 0.1.0
+   */
+  readonly [TypeId]: TypeId = TypeId
+
+  /**
+   * @since 0.1.0
+   */
+  get message(): string {
+    const cause = this.cause instanceof Error && !this.detail.includes(this.cause.message) ?
+      ` (${this.cause.message})` :
+      ""
+    return `Cannot set up the ${this.backend} idempotency storage: ${this.detail}${cause}`
   }
 }
 
@@ -329,6 +394,25 @@ export type IdempotencyError =
   | IdempotencyResultNotStored
   | IdempotencyRecordUndecodable
   | IdempotencyOptionsInvalid
+  | IdempotencyStorageSetupError
+
+/**
+ * What `Idempotent.wrap` can fail with, besides the wrapped effect's own failures: every error
+ * above except `IdempotencyKeyMissing` (HTTP only: `wrap` always has a key) and
+ * `IdempotencyStorageSetupError` (raised when a storage layer is built, not by a call).
+ *
+ * @since 0.1.0
+ * @category Errors
+ */
+export type WrapError =
+  | IdempotencyKeyInvalid
+  | IdempotencyKeyReused
+  | IdempotencyInFlight
+  | IdempotencyLeaseLost
+  | IdempotencyStorageError
+  | IdempotencyResultNotStored
+  | IdempotencyRecordUndecodable
+  | IdempotencyOptionsInvalid
 
 /**
  * The schema of every error above, for APIs that declare their failures.
@@ -345,7 +429,8 @@ export const IdempotencyError: Schema.Union<[
   typeof IdempotencyStorageError,
   typeof IdempotencyResultNotStored,
   typeof IdempotencyRecordUndecodable,
-  typeof IdempotencyOptionsInvalid
+  typeof IdempotencyOptionsInvalid,
+  typeof IdempotencyStorageSetupError
 ]> = Schema.Union(
   IdempotencyKeyMissing,
   IdempotencyKeyInvalid,
@@ -355,5 +440,6 @@ export const IdempotencyError: Schema.Union<[
   IdempotencyStorageError,
   IdempotencyResultNotStored,
   IdempotencyRecordUndecodable,
-  IdempotencyOptionsInvalid
+  IdempotencyOptionsInvalid,
+  IdempotencyStorageSetupError
 )

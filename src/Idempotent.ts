@@ -11,7 +11,7 @@ import * as Either from "effect/Either"
 import { dual } from "effect/Function"
 import type * as Option from "effect/Option"
 import type * as Schema from "effect/Schema"
-import { type IdempotencyError, IdempotencyKeyInvalid } from "./IdempotencyError.js"
+import { IdempotencyKeyInvalid, type WrapError } from "./IdempotencyError.js"
 import * as internalFingerprint from "./internal/fingerprint.js"
 import * as internal from "./internal/idempotent.js"
 import * as internalKey from "./internal/key.js"
@@ -141,7 +141,7 @@ const defaultMaxResultBytes = 4 * 1024 * 1024
 const make = <A, E, R, F>(
   self: Effect.Effect<A, E, R>,
   options: WrapOptions<A, F>
-): Effect.Effect<A, E | F | IdempotencyError, Exclude<R, Execution> | Storage.Storage> => {
+): Effect.Effect<A, E | F | WrapError, Exclude<R, Execution> | Storage.Storage> => {
   const timing = settings.decodeTiming(options)
   const maxResultBytes = settings.decodeByteLimit("maxResultBytes", options.maxResultBytes, defaultMaxResultBytes)
   const codec = ResultCodec.fromSchemas<A, E | F>(options.success, options.failure)
@@ -223,9 +223,9 @@ export const wrap: {
     options: WrapOptions<A, F>
   ): <A2 extends A, E, R>(
     self: Effect.Effect<A2, E, R>
-  ) => Effect.Effect<A2, E | F | IdempotencyError, Exclude<R, Execution> | Storage.Storage>
+  ) => Effect.Effect<A2, E | F | WrapError, Exclude<R, Execution> | Storage.Storage>
   <A, E, R, F = never>(
     self: Effect.Effect<A, E, R>,
     options: WrapOptions<NoInfer<A>, F>
-  ): Effect.Effect<A, E | F | IdempotencyError, Exclude<R, Execution> | Storage.Storage>
+  ): Effect.Effect<A, E | F | WrapError, Exclude<R, Execution> | Storage.Storage>
 } = dual(2, <A, E, R, F>(self: Effect.Effect<A, E, R>, options: WrapOptions<A, F>) => make(self, options))

@@ -21,7 +21,7 @@ const {
   IdempotencyStorageError
 } = IdempotencyError
 
-const storageDown = (key: string, operation: string) =>
+const storageDown = (key: string, operation: IdempotencyError.StorageOperation) =>
   new IdempotencyStorageError({ key, operation, cause: new Error("connection reset") })
 
 describe("Idempotent.wrap: a defect or interruption at any step settles the local flight and frees the key", () => {

@@ -6,7 +6,7 @@ import { ended, failsWith, poll, successOf } from "./fixtures/Exits.js"
 
 const { IdempotencyLeaseLost, IdempotencyResultNotStored, IdempotencyStorageError } = IdempotencyError
 
-const storageDown = (key: string, operation: string) =>
+const storageDown = (key: string, operation: IdempotencyError.StorageOperation) =>
   new IdempotencyStorageError({ key, operation, cause: new Error("connection refused") })
 
 /** A run that takes `duration`, notes whether it was interrupted, and answers `"done"`. */

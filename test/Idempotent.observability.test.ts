@@ -108,7 +108,7 @@ const faultyStorage = (backend: string): Layer.Layer<Storage.Storage | Faults> =
   Layer.effectContext(
     Effect.map(Storage.Storage, (inner) => {
       const faults: FaultSwitches = { acquire: false, commit: false, release: false, renewErrors: 0, renewLost: false }
-      const down = (key: string, operation: string) =>
+      const down = (key: string, operation: IdempotencyError.StorageOperation) =>
         Effect.fail(new IdempotencyStorageError({ key, operation, cause: new Error("connection reset") }))
       const storage = Storage.make({
         ...inner,

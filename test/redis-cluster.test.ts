@@ -8,7 +8,7 @@ import { assert, layer } from "@effect/vitest"
 import { Context, Duration, Effect, Layer, Logger, Option, RcRef, Scope } from "effect"
 import type { Redis } from "ioredis"
 import { createHash, randomUUID } from "node:crypto"
-import { IdempotencyStorageError } from "../src/IdempotencyError.js"
+import { IdempotencyStorageError, IdempotencyStorageSetupError } from "../src/IdempotencyError.js"
 import * as Storage from "../src/Storage.js"
 import * as RedisStorage from "../src/Storage/Redis.js"
 import { conformance } from "../src/testing.js"
@@ -160,7 +160,7 @@ layer(TestClusterLive, { excludeTestServices: true, timeout: "60 seconds" })(
           () => Effect.promise(() => last.config("SET", "maxmemory-policy", "noeviction"))
         )
         const exit = yield* Effect.exit(Layer.build(clusterStorage(`cluster-evict-${run}`)))
-        const cause = failsWith(exit, IdempotencyStorageError).cause as RedisStorage.RedisEvictionPolicyUnsafe
+        const cause = failsWith(exit, IdempotencyStorageSetupError).cause as RedisStorage.RedisEvictionPolicyUnsafe
         assert.instanceOf(cause, RedisStorage.RedisEvictionPolicyUnsafe)
         assert.deepStrictEqual({ node: cause.node, policy: cause.policy }, {
           node: `127.0.0.1:${cluster.masters[2]!.port}`,

@@ -28,7 +28,7 @@ import * as RedisStorage from "../src/Storage/Redis.js"
 import { failsWith, failureOf, successOf } from "./fixtures/Exits.js"
 import { freePorts, type RedisServer, server } from "./fixtures/redisServers.js"
 
-const { IdempotencyStorageError } = IdempotencyError
+const { IdempotencyStorageError, IdempotencyStorageSetupError } = IdempotencyError
 
 const url = process.env.REDIS_URL ?? "redis://127.0.0.1:6379"
 const run = Storage.makeToken().slice(0, 8)
@@ -361,17 +361,43 @@ describe("RedisStorage", () => {
     it.scopedLive("a prefix holding { or } is refused: it would change the hash tag", () =>
       Effect.gen(function*() {
         const exit = yield* Effect.exit(build(RedisStorage.layer({ url: Redacted.make(url), prefix: "a{b}" })))
-        assert.strictEqual(failsWith(exit, IdempotencyStorageError).operation, "configure")
+        const error = failsWith(exit, IdempotencyStorageSetupError)
+        assert.strictEqual(error.backend, "redis")
+        assert.strictEqual((error.cause as IdempotencyError.IdempotencyOptionsInvalid).option, "prefix")
       }))
 
-    it.scopedLive("building against a port nobody listens on fails with IdempotencyStorageError at once", () =>
+    it.scopedLive("a url that is not redis:// or rediss:// is refused at once, naming the scheme and not the password", () =>
+      Effect.gen(function*() {
+        for (
+          const [bad, scheme] of [
+            ["http://user:hunter2@127.0.0.1:6379", "http://"],
+            ["127.0.0.1:6379", "redis://"],
+            ["mysql://127.0.0.1", "mysql://"]
+          ]
+        ) {
+          const { exit, millis } = yield* elapsed(build(RedisStorage.layer({ url: Redacted.make(bad!) })))
+          const error = failsWith(exit, IdempotencyStorageSetupError)
+          assert.include(error.message, "option url must", bad)
+          assert.include(error.message, scheme!, bad)
+          assert.notInclude(error.message, "hunter2")
+          assert.notInclude(error.message, "ENOENT")
+          assert.isBelow(millis, 1000)
+        }
+        // rediss:// (TLS) is accepted: it fails here only because nothing speaks TLS on this port.
+        const tls = yield* Effect.exit(
+          build(RedisStorage.layer({ url: Redacted.make(url.replace(/^redis:/, "rediss:")), timeout: "300 millis" }))
+        )
+        assert.notInclude(failsWith(tls, IdempotencyStorageSetupError).message, "option url")
+      }))
+
+    it.scopedLive("building against a port nobody listens on fails with IdempotencyStorageSetupError at once", () =>
       Effect.gen(function*() {
         const [port] = yield* freePorts(1)
         const { exit, millis } = yield* elapsed(
           build(RedisStorage.layer({ url: Redacted.make(`redis://127.0.0.1:${port}`), timeout: "500 millis" }))
         )
-        const error = failsWith(exit, IdempotencyStorageError)
-        assert.strictEqual(error.operation, "connect")
+        const error = failsWith(exit, IdempotencyStorageSetupError)
+        assert.include(error.message, "connecting to Redis failed")
         assert.include(error.message, "ECONNREFUSED")
         assert.isBelow(millis, 3000)
       }))
@@ -400,8 +426,8 @@ describe("RedisStorage", () => {
         const { exit, millis } = yield* elapsed(
           build(RedisStorage.layer({ url: Redacted.make(`redis://127.0.0.1:${address.port}`), timeout: "500 millis" }))
         )
-        const error = failsWith(exit, IdempotencyStorageError)
-        assert.strictEqual(error.operation, "connect")
+        const error = failsWith(exit, IdempotencyStorageSetupError)
+        assert.include(error.message, "connecting to Redis failed")
         assert.include(error.message, "did not answer within")
         assert.isAtLeast(millis, 450)
         assert.isBelow(millis, 3000)
@@ -940,9 +966,8 @@ describe("RedisStorage", () => {
             const exit = yield* Effect.exit(
               build(RedisStorage.layer({ url: Redacted.make(redis.url), options: { connectionName: name } }))
             )
-            const error = failsWith(exit, IdempotencyStorageError)
-            assert.strictEqual(error.operation, "configure")
-            assert.isFalse(error.retryable)
+            const error = failsWith(exit, IdempotencyStorageSetupError)
+            assert.include(error.message, `maxmemory-policy is ${policy}`)
             assert.instanceOf(error.cause, RedisStorage.RedisEvictionPolicyUnsafe)
             const cause = error.cause as RedisStorage.RedisEvictionPolicyUnsafe
             assert.deepStrictEqual({ node: cause.node, policy: cause.policy }, {
@@ -1123,8 +1148,7 @@ describe("RedisStorage", () => {
           Effect.map(
             Effect.exit(build(RedisStorage.layer({ url: Redacted.make(url), timeout: "1 second", waitForReplicas }))),
             (exit) => {
-              const error = failsWith(exit, IdempotencyStorageError)
-              assert.strictEqual(error.operation, "configure")
+              const error = failsWith(exit, IdempotencyStorageSetupError)
               assert.instanceOf(error.cause, IdempotencyError.IdempotencyOptionsInvalid)
               return (error.cause as IdempotencyError.IdempotencyOptionsInvalid).option
             }

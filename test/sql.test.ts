@@ -43,7 +43,7 @@ import {
   postgresFunctions
 } from "./fixtures/sqlClients.js"
 
-const { IdempotencyStorageError } = IdempotencyError
+const { IdempotencyStorageError, IdempotencyStorageSetupError } = IdempotencyError
 
 // --- databases ------------------------------------------------------------------------------------
 
@@ -239,8 +239,8 @@ describe("SqlStorage configuration", () => {
             Effect.provideService(SqlClient.SqlClient, fakeClient("mssql"))
           )
         )
-        const error = failsWith(exit, IdempotencyStorageError)
-        assert.strictEqual(error.operation, "configure", `table ${JSON.stringify(name)}`)
+        const error = failsWith(exit, IdempotencyStorageSetupError)
+        assert.strictEqual(error.backend, "sql", `table ${JSON.stringify(name)}`)
         assert.include(error.message, "table name")
       }
     }))
@@ -253,8 +253,8 @@ describe("SqlStorage configuration", () => {
             Effect.provideService(SqlClient.SqlClient, fakeClient(dialect))
           )
         )
-        const error = failsWith(exit, IdempotencyStorageError)
-        assert.strictEqual(error.operation, "configure")
+        const error = failsWith(exit, IdempotencyStorageSetupError)
+        assert.strictEqual(error.backend, "sql")
         assert.include(error.message, `(${dialect}) is not supported`)
       }
     }))
@@ -267,7 +267,7 @@ describe("SqlStorage configuration", () => {
             Effect.provideService(SqlClient.SqlClient, fakeClient("mssql"))
           )
         )
-        assert.strictEqual(failsWith(exit, IdempotencyStorageError).operation, "configure")
+        assert.strictEqual(failsWith(exit, IdempotencyStorageSetupError).backend, "sql")
       }
     }))
 })

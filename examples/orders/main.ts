@@ -51,7 +51,7 @@ const display = (url: Redacted.Redacted<string>): string => {
 interface Choice {
   readonly layer: Layer.Layer<
     Storage.Storage,
-    IdempotencyError.IdempotencyStorageError | SqlError.SqlError | ConfigError.ConfigError
+    IdempotencyError.IdempotencyStorageSetupError | SqlError.SqlError | ConfigError.ConfigError
   >
   readonly where: string
 }

@@ -23,12 +23,12 @@ import * as Metric from "effect/Metric"
 import * as Option from "effect/Option"
 import * as Scope from "effect/Scope"
 import {
-  type IdempotencyError,
   IdempotencyKeyInvalid,
   IdempotencyKeyMissing,
   IdempotencyOptionsInvalid,
   type KeyInvalidReason,
-  type ResultNotStoredReason
+  type ResultNotStoredReason,
+  type WrapError
 } from "../IdempotencyError.js"
 import type * as Idempotent from "../Idempotent.js"
 import * as internalFingerprint from "../internal/fingerprint.js"
@@ -246,7 +246,7 @@ const undecodableRetryAfterSeconds = 5
 // RFC 9110 `token`: a header name.
 const headerToken = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/
 
-const problemOf = (error: IdempotencyError, header: string): Problem => {
+const problemOf = (error: WrapError | IdempotencyKeyMissing, header: string): Problem => {
   switch (error._tag) {
     case "IdempotencyKeyMissing":
       return {

@@ -21,8 +21,7 @@
  *   again. Every key here carries a TTL, so the `volatile-*` policies evict them as readily as the
  *   `allkeys-*` ones (`volatile-ttl` takes in-flight leases first); only `noeviction` is safe.
  *   At build the layer reads `maxmemory-policy` (`CONFIG GET`; on a Cluster, from every master)
- *   and fails with `IdempotencyStorageError` (operation `configure`, cause
- *   {@link RedisEvictionPolicyUnsafe}) when it is anything else, or only logs a warning with
+ *   and fails with `IdempotencyStorageSetupError` (cause {@link RedisEvictionPolicyUnsafe}) when it is anything else, or only logs a warning with
  *   `onEvictionRisk: "warn"`. Where `CONFIG` is refused (a managed Redis that renames or forbids
  *   it), the policy is unknown: the layer logs a warning and builds. The check is made once; a
  *   policy changed later goes unnoticed.
@@ -55,7 +54,12 @@ import * as Schema from "effect/Schema"
 import type * as Scope from "effect/Scope"
 import type { Cluster, RedisOptions } from "ioredis"
 import { Redis } from "ioredis"
-import { IdempotencyOptionsInvalid, IdempotencyStorageError } from "../IdempotencyError.js"
+import {
+  IdempotencyOptionsInvalid,
+  IdempotencyStorageError,
+  IdempotencyStorageSetupError,
+  type StorageOperation
+} from "../IdempotencyError.js"
 import type { IdempotencyRecord } from "../IdempotencyRecord.js"
 import { keyDigest } from "../internal/fingerprint.js"
 import { isPermanent, isReplyError } from "../internal/redis/replies.js"
@@ -398,6 +402,25 @@ type ServerSettings =
 
 const nodeName = (connection: Redis) => `${connection.options.host ?? "127.0.0.1"}:${connection.options.port ?? 6379}`
 
+const setupError = (detail: string, cause?: unknown) =>
+  new IdempotencyStorageSetupError(
+    cause === undefined ? { backend: "redis", detail } : { backend: "redis", detail, cause }
+  )
+
+/**
+ * Why a Redis URL is refused before a connection is tried, or `undefined` when it is usable.
+ * ioredis reads any other string as a host or a socket path, and fails later with an error that
+ * does not mention the URL (`http://host` becomes `connect ENOENT //host`). Only the scheme is
+ * quoted: the rest may hold a password.
+ */
+const urlScheme = (url: string): string | undefined => {
+  const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(url)?.[1]?.toLowerCase()
+  if (scheme === "redis" || scheme === "rediss") return undefined
+  return scheme === undefined
+    ? "must be a URL starting with redis:// or rediss://"
+    : `must start with redis:// or rediss://, not ${scheme}://`
+}
+
 interface Channel {
   readonly subscribed: Promise<void>
   readonly waiters: Set<Deferred.Deferred<void>>
@@ -405,9 +428,9 @@ interface Channel {
 
 /**
  * Builds a Redis storage whose connections live as long as the scope. Fails with
- * `IdempotencyStorageError`: operation `connect` when Redis cannot be reached within `timeout`;
- * operation `configure` for a prefix holding `{` or `}`, invalid `waitForReplicas` (cause
- * `IdempotencyOptionsInvalid`), or a `maxmemory-policy` that may evict keys (cause
+ * `IdempotencyStorageSetupError` when Redis cannot be reached within `timeout`; for a `url` that
+ * is not `redis://` or `rediss://`, a prefix holding `{` or `}` or an invalid `waitForReplicas`
+ * (cause `IdempotencyOptionsInvalid`); or for a `maxmemory-policy` that may evict keys (cause
  * {@link RedisEvictionPolicyUnsafe}, unless `onEvictionRisk: "warn"`).
  *
  * @since 0.1.0
@@ -415,7 +438,7 @@ interface Channel {
  */
 export const make = (
   options: RedisStorageOptions
-): Effect.Effect<Storage.StorageService, IdempotencyStorageError, Scope.Scope> =>
+): Effect.Effect<Storage.StorageService, IdempotencyStorageSetupError, Scope.Scope> =>
   Effect.gen(function*() {
     const prefix = options.prefix ?? "idem"
     const timeout = Duration.decode(options.timeout ?? Duration.seconds(2))
@@ -423,21 +446,16 @@ export const make = (
     const timeoutMillis = Math.min(expiryMillis(timeout), 2 ** 31 - 1)
     const runtime = yield* Effect.runtime<never>()
 
-    if (/[{}]/.test(prefix)) {
-      return yield* new IdempotencyStorageError({
-        key: "",
-        operation: "configure",
-        cause: new Error(`the prefix ${JSON.stringify(prefix)} holds { or }, which would change the hash tag`)
-      })
-    }
-
     const invalid = (option: string, detail: string) =>
-      new IdempotencyStorageError({
-        key: "",
-        operation: "configure",
-        retryable: false,
-        cause: new IdempotencyOptionsInvalid({ option, detail })
-      })
+      setupError(`option ${option} ${detail}`, new IdempotencyOptionsInvalid({ option, detail }))
+
+    if (/[{}]/.test(prefix)) {
+      return yield* invalid("prefix", `holds { or } (${JSON.stringify(prefix)}), which would change the hash tag`)
+    }
+    if (options.url !== undefined && options.client === undefined) {
+      const scheme = urlScheme(Redacted.value(options.url))
+      if (scheme !== undefined) return yield* invalid("url", scheme)
+    }
     const replicas = options.waitForReplicas
     const waitTimeout = Duration.decode(
       replicas?.timeout ?? Duration.millis(Math.max(1, Math.floor(Duration.toMillis(timeout) / 2)))
@@ -458,7 +476,7 @@ export const make = (
       }
     }
 
-    const failure = (operation: string, key: string) => (cause: unknown) =>
+    const failure = (operation: StorageOperation, key: string) => (cause: unknown) =>
       new IdempotencyStorageError(
         isPermanent(cause) ? { key, operation, cause, retryable: false } : { key, operation, cause }
       )
@@ -467,24 +485,17 @@ export const make = (
     // bound is a plain timer on the promise rather than `Effect.timeout`: that forks two fibers per
     // command, which cost more than the round trip itself; and the timer ends the wait even where
     // `Idempotent.wrap` acquires and commits uninterruptibly.
-    const call = <A>(
-      operation: string,
-      key: string,
-      run: () => Promise<A>
-    ): Effect.Effect<A, IdempotencyStorageError> =>
-      Effect.async<A, IdempotencyStorageError>((resume) => {
+    const bounded = <A, E>(onFailure: (cause: unknown) => E, run: () => Promise<A>): Effect.Effect<A, E> =>
+      Effect.async<A, E>((resume) => {
         let settled = false
-        const settle = (result: Effect.Effect<A, IdempotencyStorageError>) => {
+        const settle = (result: Effect.Effect<A, E>) => {
           if (settled) return
           settled = true
           clearTimeout(timer)
           resume(result)
         }
         const timer = setTimeout(
-          () =>
-            settle(
-              Effect.fail(failure(operation, key)(new Error(`Redis did not answer within ${Duration.format(timeout)}`)))
-            ),
+          () => settle(Effect.fail(onFailure(new Error(`Redis did not answer within ${Duration.format(timeout)}`)))),
           timeoutMillis
         )
         // The connection keeps the process alive while a command is out; this timer need not.
@@ -492,14 +503,21 @@ export const make = (
         try {
           run().then(
             (value) => settle(Effect.succeed(value)),
-            (cause) => settle(Effect.fail(failure(operation, key)(cause)))
+            (cause) => settle(Effect.fail(onFailure(cause)))
           )
         } catch (cause) {
-          settle(Effect.fail(failure(operation, key)(cause)))
+          settle(Effect.fail(onFailure(cause)))
         }
         // No canceler: an interrupted caller stops waiting at once anyway and the timer ends by
         // itself, while a canceler would wrap every call in an interruption handler.
       })
+
+    const call = <A>(operation: StorageOperation, key: string, run: () => Promise<A>) =>
+      bounded(failure(operation, key), run)
+
+    // The layer's own calls (connect, settings) fail the layer's build, with what was being done.
+    const setupCall = <A>(doing: string, run: () => Promise<A>) =>
+      bounded((cause) => setupError(`${doing} failed`, cause), run)
 
     // ioredis rejects a failed connect with "Connection is closed."; the error event before it
     // says why (refused, timed out, auth), so that is the cause reported.
@@ -515,13 +533,13 @@ export const make = (
       })
 
     const close = (connection: Redis | Cluster) =>
-      (connection.status === "ready" ? call("close", "", () => connection.quit()) : Effect.void).pipe(
+      (connection.status === "ready" ? setupCall("closing the connection", () => connection.quit()) : Effect.void).pipe(
         Effect.ignore,
         Effect.ensuring(Effect.sync(() => connection.disconnect()))
       )
 
     const connect = (connection: Redis | Cluster) =>
-      call("connect", "", () =>
+      setupCall("connecting to Redis", () =>
         connection.connect().catch((error: unknown) => {
           throw lastErrors.get(connection) ?? error
         }))
@@ -552,9 +570,8 @@ export const make = (
     // without it) leaves them unknown; no answer at all fails the build like a failed connect.
     const masters = isCluster(client) ? client.nodes("master") : [client]
     const looked: ReadonlyArray<ServerSettings> = yield* Effect.forEach(masters, (master) =>
-      call(
-        "configure",
-        "",
+      setupCall(
+        "reading maxmemory-policy and proto-max-bulk-len",
         () => master.call("CONFIG", "GET", "maxmemory-policy", "proto-max-bulk-len") as Promise<Array<string>>
       ).pipe(
         Effect.map((reply): ServerSettings => {
@@ -582,12 +599,11 @@ export const make = (
         continue
       }
       if (onEvictionRisk !== "warn") {
-        return yield* new IdempotencyStorageError({
-          key: "",
-          operation: "configure",
-          retryable: false,
-          cause: new RedisEvictionPolicyUnsafe({ node: master.node, policy })
-        })
+        return yield* setupError(
+          `maxmemory-policy is ${policy} on ${master.node}: Redis may evict leases and records, and an evicted ` +
+            "key runs again. Set it to noeviction, or pass onEvictionRisk: \"warn\" to accept the risk",
+          new RedisEvictionPolicyUnsafe({ node: master.node, policy })
+        )
       }
       yield* Effect.logWarning(
         `idempotency redis: maxmemory-policy ${policy} may evict leases and records (only noeviction keeps them)`
@@ -665,7 +681,7 @@ export const make = (
       )
     }
 
-    const unexpected = (operation: string, key: string, reply: unknown) =>
+    const unexpected = (operation: StorageOperation, key: string, reply: unknown) =>
       Effect.fail(failure(operation, key)(new UnexpectedReply(reply)))
 
     const acquire = (request: Storage.AcquireRequest) => {
@@ -849,7 +865,7 @@ export const make = (
  * @since 0.1.0
  * @category Layers
  */
-export const layer = (options: RedisStorageOptions): Layer.Layer<Storage.Storage, IdempotencyStorageError> =>
+export const layer = (options: RedisStorageOptions): Layer.Layer<Storage.Storage, IdempotencyStorageSetupError> =>
   Layer.scoped(Storage.Storage, make(options))
 
 /**
@@ -861,5 +877,5 @@ export const layer = (options: RedisStorageOptions): Layer.Layer<Storage.Storage
  */
 export const layerConfig = (
   config: Config.Config.Wrap<RedisStorageOptions>
-): Layer.Layer<Storage.Storage, ConfigError | IdempotencyStorageError> =>
+): Layer.Layer<Storage.Storage, ConfigError | IdempotencyStorageSetupError> =>
   Layer.scoped(Storage.Storage, Effect.flatMap(Config.unwrap(config), make))

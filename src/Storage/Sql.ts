@@ -126,7 +126,7 @@ import * as Predicate from "effect/Predicate"
 import type * as Scope from "effect/Scope"
 import * as Stream from "effect/Stream"
 import { createHash } from "node:crypto"
-import { IdempotencyStorageError } from "../IdempotencyError.js"
+import { IdempotencyStorageError, IdempotencyStorageSetupError, type StorageOperation } from "../IdempotencyError.js"
 import type { IdempotencyRecord } from "../IdempotencyRecord.js"
 import * as wait from "../internal/wait.js"
 import * as Storage from "../Storage.js"
@@ -859,16 +859,16 @@ interface Watched {
 /**
  * Builds a SQL storage on the context's `SqlClient`: creates the table if missing, and runs the
  * cleanup (and on PostgreSQL the listener) for as long as the scope. Fails with
- * `IdempotencyStorageError`: operation `configure` on a client whose dialect is not PostgreSQL,
- * MySQL or SQLite, or an invalid option; `setup` when the table cannot be created; `listen` when a
- * `PgClient` is in context but its `LISTEN` cannot be confirmed within `timeout`.
+ * `IdempotencyStorageSetupError` on a client whose dialect is not PostgreSQL, MySQL or SQLite, an
+ * invalid option, a table that cannot be created, or a `PgClient` in context whose `LISTEN` cannot
+ * be confirmed within `timeout`.
  *
  * @since 0.1.0
  * @category Constructors
  */
 export const make = (
   options?: SqlStorageOptions
-): Effect.Effect<Storage.StorageService, IdempotencyStorageError, SqlClient.SqlClient | Scope.Scope> =>
+): Effect.Effect<Storage.StorageService, IdempotencyStorageSetupError, SqlClient.SqlClient | Scope.Scope> =>
   Effect.gen(function*() {
     const table = options?.table ?? "idempotency_records"
     const cleanupInterval = Duration.decode(options?.cleanupInterval ?? Duration.minutes(1))
@@ -878,8 +878,7 @@ export const make = (
     const timeoutMillis = Duration.toMillis(timeout)
     const pollCapMillis = Math.max(maxPollMillis, pollMillis)
 
-    const configure = (message: string) =>
-      new IdempotencyStorageError({ key: "", operation: "configure", cause: new Error(message) })
+    const configure = (detail: string) => new IdempotencyStorageSetupError({ backend: "sql", detail })
 
     if (!tablePattern.test(table)) {
       return yield* configure(
@@ -911,7 +910,7 @@ export const make = (
       )
     }
 
-    const failure = (operation: string, key: string) => (cause: unknown) =>
+    const failure = (operation: StorageOperation, key: string) => (cause: unknown) =>
       new IdempotencyStorageError(
         permanent(cause) ? { key, operation, cause, retryable: false } : { key, operation, cause }
       )
@@ -940,26 +939,30 @@ export const make = (
     // Every statement is bounded. `Idempotent.wrap` acquires and commits uninterruptibly; the
     // statement runs on a fiber of its own, interruptible, so that the timeout can end the wait
     // even there (and the statement, in the background).
-    const call = <A>(
-      operation: string,
-      key: string,
+    const bounded = <A, E>(
+      onFailure: (cause: unknown) => E,
       statement: Effect.Effect<A, SqlError>
-    ): Effect.Effect<A, IdempotencyStorageError> =>
+    ): Effect.Effect<A, E> =>
       Effect.flatMap(
         wait.runWithin(Effect.interruptible(statement), timeoutMillis),
         (exit) =>
           exit === undefined
-            ? Effect.fail(
-              failure(operation, key)(new Error(`the database did not answer within ${Duration.format(timeout)}`))
-            )
-            : Effect.mapError(exit, failure(operation, key))
+            ? Effect.fail(onFailure(new Error(`the database did not answer within ${Duration.format(timeout)}`)))
+            : Effect.mapError(exit, onFailure)
+      )
+    const call = <A>(operation: StorageOperation, key: string, statement: Effect.Effect<A, SqlError>) =>
+      bounded(failure(operation, key), statement)
+    // The layer's own statements (creating the schema, reading settings) fail the layer's build.
+    const setupCall = <A>(doing: string, statement: Effect.Effect<A, SqlError>) =>
+      bounded(
+        (cause) => new IdempotencyStorageSetupError({ backend: "sql", detail: `${doing} failed`, cause }),
+        statement
       )
 
-    yield* call("setup", "", outside(dialect.setup))
+    yield* setupCall("creating the table", outside(dialect.setup))
     if (dialect.name === "pg") {
-      const [level] = yield* call(
-        "setup",
-        "",
+      const [level] = yield* setupCall(
+        "reading transaction_isolation",
         outside(sql<{ readonly level: string }>`SELECT current_setting('transaction_isolation') AS level`)
       )
       readCommittedExplicitly = level?.level !== "read committed"
@@ -968,9 +971,8 @@ export const make = (
     // (the client sees only a reset, as for any network failure), so a result that cannot fit is
     // refused before it is sent. Read once; 0 where unknown.
     const maxPacket = dialect.name === "mysql"
-      ? yield* call(
-        "setup",
-        "",
+      ? yield* setupCall(
+        "reading max_allowed_packet",
         outside(Effect.map(
           sql<{ readonly max_packet: number | string }>`SELECT @@max_allowed_packet AS max_packet`,
           (rows) => Number(rows[0]?.max_packet ?? 0)
@@ -1011,7 +1013,7 @@ export const make = (
     // The first sweep waits an interval too: replicas deployed together do not all sweep at boot.
     yield* Effect.forkScoped(Effect.forever(Effect.zipRight(Effect.sleep(cleanupInterval), sweep)))
 
-    const unexpected = (operation: string, key: string, row: unknown) =>
+    const unexpected = (operation: StorageOperation, key: string, row: unknown) =>
       Effect.fail(failure(operation, key)(new UnexpectedRow(row)))
 
     const acquire = (request: Storage.AcquireRequest) => {
@@ -1209,10 +1211,10 @@ const listen = (
   wake: (hex: string) => void,
   wakeAll: () => void,
   timeout: Duration.Duration
-): Effect.Effect<{ readonly ready: boolean }, IdempotencyStorageError, Scope.Scope> =>
+): Effect.Effect<{ readonly ready: boolean }, IdempotencyStorageSetupError, Scope.Scope> =>
   Effect.gen(function*() {
     const state = { ready: false }
-    const firstReady = yield* Deferred.make<void, IdempotencyStorageError>()
+    const firstReady = yield* Deferred.make<void, IdempotencyStorageSetupError>()
     const pings = new Map<string, Deferred.Deferred<void>>()
 
     const onMessage = (message: string) => {
@@ -1273,7 +1275,13 @@ const listen = (
       Effect.suspend(() => {
         Deferred.unsafeDone(
           firstReady,
-          Exit.fail(new IdempotencyStorageError({ key: "", operation: "listen", cause: Cause.squash(cause) }))
+          Exit.fail(
+            new IdempotencyStorageSetupError({
+              backend: "sql",
+              detail: `LISTEN on ${channel} failed`,
+              cause: Cause.squash(cause)
+            })
+          )
         )
         if (state.ready) {
           state.ready = false
@@ -1294,10 +1302,9 @@ const listen = (
       Effect.timeoutFail({
         duration: timeout,
         onTimeout: () =>
-          new IdempotencyStorageError({
-            key: "",
-            operation: "listen",
-            cause: new Error(`LISTEN on ${channel} was not confirmed within ${Duration.format(timeout)}`)
+          new IdempotencyStorageSetupError({
+            backend: "sql",
+            detail: `LISTEN on ${channel} was not confirmed within ${Duration.format(timeout)}`
           })
       })
     )
@@ -1339,5 +1346,5 @@ const listen = (
  */
 export const layer = (
   options?: SqlStorageOptions
-): Layer.Layer<Storage.Storage, IdempotencyStorageError, SqlClient.SqlClient> =>
+): Layer.Layer<Storage.Storage, IdempotencyStorageSetupError, SqlClient.SqlClient> =>
   Layer.scoped(Storage.Storage, make(options))

@@ -12,14 +12,15 @@ import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
 import type * as Tracer from "effect/Tracer"
 import {
-  type IdempotencyError,
   IdempotencyInFlight,
   IdempotencyKeyReused,
   IdempotencyLeaseLost,
   IdempotencyRecordUndecodable,
   IdempotencyResultNotStored,
   IdempotencyStorageError,
-  type ResultNotStoredReason
+  type ResultNotStoredReason,
+  type StorageOperation,
+  type WrapError
 } from "../IdempotencyError.js"
 import type { IdempotencyRecord } from "../IdempotencyRecord.js"
 import * as Storage from "../Storage.js"
@@ -170,7 +171,7 @@ const firstToEnd = <A, E>(
 export const run = <A, E, R>(
   self: Effect.Effect<A, E, R>,
   settings: Settings<A, E>
-): Effect.Effect<A, E | IdempotencyError, Exclude<R, Execution> | Storage.Storage> =>
+): Effect.Effect<A, E | WrapError, Exclude<R, Execution> | Storage.Storage> =>
   // The store and the clock are read off the fiber at once, not through an Effect each; the clock
   // is then read synchronously wherever the call needs the time.
   Effect.withFiberRuntime((fiber) => {
@@ -205,7 +206,7 @@ export const run = <A, E, R>(
     // answer could still matter): a custom backend that never answers must not hold a caller, or a
     // key's local flight, forever. Interrupted on timeout, as a cancelled statement is.
     const bounded = <A, R>(
-      operation: string,
+      operation: StorageOperation,
       call: Effect.Effect<A, IdempotencyStorageError, R>,
       millis: number
     ): Effect.Effect<A, IdempotencyStorageError, R> =>
@@ -254,7 +255,7 @@ export const run = <A, E, R>(
       const replay = (
         record: IdempotencyRecord,
         rerunAllowed: boolean
-      ): Effect.Effect<A, E | IdempotencyError, Exclude<R, Execution>> => {
+      ): Effect.Effect<A, E | WrapError, Exclude<R, Execution>> => {
         if (record.fingerprint !== fingerprint) return reused()
         const decoded = Effect.zipRight(noteOutcome(counters, settings.span, "replayed"), codec.decode(record))
         if (settings.onUndecodable === "fail" || !rerunAllowed) return restore(decoded)
@@ -272,7 +273,7 @@ export const run = <A, E, R>(
       const step = (
         shared: LocalFlights.Shared,
         rerunAllowed = true
-      ): Effect.Effect<A, E | IdempotencyError, Exclude<R, Execution>> => {
+      ): Effect.Effect<A, E | WrapError, Exclude<R, Execution>> => {
         const result = shared.result
         switch (result._tag) {
           case "Completed":
@@ -412,7 +413,7 @@ export const run = <A, E, R>(
               (committed) => committed ? Effect.succeed({ value, record }) : Effect.fail(leaseLost)
             )
           }))),
-          (exit): Effect.Effect<A, E | IdempotencyError> => {
+          (exit): Effect.Effect<A, E | WrapError> => {
             if (Exit.isSuccess(exit)) {
               LocalFlights.settle(storage, flight, { _tag: "Completed", record: exit.value.record })
               return Effect.succeed(exit.value.value)
@@ -613,7 +614,7 @@ export const run = <A, E, R>(
         lease: Storage.Lease,
         flight: LocalFlights.Flight,
         outer: RunExit<A, E>
-      ): Effect.Effect<A, E | IdempotencyError> => {
+      ): Effect.Effect<A, E | WrapError> => {
         if (Exit.isFailure(outer)) {
           const lost = Cause.failureOption(outer.cause)
           if (Option.isSome(lost)) {
