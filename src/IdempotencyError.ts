@@ -6,6 +6,7 @@
  *
  * @since 0.1.0
  */
+import * as Duration from "effect/Duration"
 import * as Predicate from "effect/Predicate"
 import * as Schema from "effect/Schema"
 
@@ -135,7 +136,9 @@ export class IdempotencyKeyReused extends Schema.TaggedError<IdempotencyKeyReuse
 }
 
 /**
- * The first run for the key is still in flight. `retryAfter` is how long its lease has left.
+ * The first run for the key is still in flight. `retryAfter` is how long its lease has left: a
+ * holder that is alive renews it and may finish at any moment, so a retry can succeed sooner; a
+ * holder that stopped (a crashed process) frees the key by then at the latest.
  *
  * @since 0.1.0
  * @category Errors
@@ -155,7 +158,8 @@ export class IdempotencyInFlight extends Schema.TaggedError<IdempotencyInFlight>
    * @since 0.1.0
    */
   get message(): string {
-    return "A request with this idempotency key is already in progress"
+    return "The first call with this idempotency key is still running: retry once it finishes " +
+      `(if its holder has stopped, the key frees within ${Duration.format(this.retryAfter)})`
   }
 }
 

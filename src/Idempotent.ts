@@ -5,7 +5,8 @@
  *
  * @since 0.1.0
  */
-import * as Duration from "effect/Duration"
+import * as DateTime from "effect/DateTime"
+import type * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
 import * as Either from "effect/Either"
 import { dual } from "effect/Function"
@@ -136,12 +137,98 @@ export interface WrapOptions<A, F> {
   readonly onUndecodable?: "fail" | "run" | undefined
 }
 
+/**
+ * Plain JSON data: what `Idempotent.wrap` stores when it is given no `success` schema, and gives
+ * back to a retry exactly as it went in. Anything else (a `Date`, a class instance, a `bigint`, a
+ * `Map`, a function) needs a schema to come back as itself.
+ *
+ * @since 0.1.0
+ * @category Models
+ */
+export type JsonValue =
+  | string
+  | number
+  | boolean
+  | null
+  | ReadonlyArray<JsonValue>
+  | { readonly [key: string]: JsonValue | undefined }
+
+/**
+ * `true` when values of type `A` are plain JSON data: strings, finite numbers, booleans, `null`,
+ * arrays and plain objects of those (optional properties allowed). `any` passes; `unknown` does
+ * not. Recursive types are followed 12 levels deep.
+ *
+ * A class with no methods has the same type as a plain object, so it passes here; at run time
+ * such an instance (like `NaN` or `Infinity`, which TypeScript cannot tell from other numbers) is
+ * refused with `IdempotencyResultNotStored` (`unencodable`) instead of being stored as something
+ * else.
+ *
+ * @since 0.1.0
+ * @category Models
+ */
+export type IsJsonValue<A, Depth extends ReadonlyArray<unknown> = []> = 0 extends (1 & A) ? true
+  : Depth["length"] extends 12 ? true
+  : A extends string | number | boolean | null ? true
+  : A extends bigint | symbol | undefined | void ? false
+  : A extends (...args: ReadonlyArray<any>) => unknown ? false
+  : A extends ReadonlyArray<infer Item> ? IsJsonValue<Item, [...Depth, unknown]>
+  : A extends object ? IsJsonObject<A, [...Depth, unknown]>
+  : false
+
+type IsJsonObject<A, Depth extends ReadonlyArray<unknown>> = [
+  {
+    [K in keyof A]-?: K extends string | number ? [IsJsonValue<Exclude<A[K], undefined>, Depth>] extends [true] ? true
+      : false
+      : false
+  }[keyof A]
+] extends [true] ? true
+  : false
+
+/**
+ * The check a call without a `success` schema puts on its effect: nothing when the result is plain
+ * JSON data (or `void`), otherwise a required property whose name is the compile error's
+ * explanation.
+ *
+ * @since 0.1.0
+ * @category Models
+ */
+export type RequireJsonResult<A> = [IsJsonValue<Exclude<A, void | undefined>>] extends [true] ? unknown : {
+  readonly "Idempotent.wrap: the result is not plain JSON data, so it would not replay as itself. Pass a `success` schema":
+    A
+}
+
+/**
+ * Options of a call that stores its result with a `success` schema.
+ *
+ * @since 0.1.0
+ * @category Models
+ */
+export interface WrapOptionsWithSchema<A, F> extends WrapOptions<A, F> {
+  readonly success: Schema.Schema<A, any, never>
+}
+
+/**
+ * What {@link wrapWithInfo} succeeds with: the value, and where it came from.
+ *
+ * @since 0.1.0
+ * @category Models
+ */
+export interface WithInfo<A> {
+  readonly value: A
+  /** `false` for the call whose run produced the value; `true` for every call that got it from the record. */
+  readonly replayed: boolean
+  /** The fence of the run that produced the value (the same on the first call and on every replay). */
+  readonly fence: number
+  /** When that run's result was stored. */
+  readonly createdAt: DateTime.Utc
+}
+
 const defaultMaxResultBytes = 4 * 1024 * 1024
 
 const make = <A, E, R, F>(
   self: Effect.Effect<A, E, R>,
   options: WrapOptions<A, F>
-): Effect.Effect<A, E | F | WrapError, Exclude<R, Execution> | Storage.Storage> => {
+): Effect.Effect<internal.Completed<A>, E | F | WrapError, Exclude<R, Execution> | Storage.Storage> => {
   const timing = settings.decodeTiming(options)
   const maxResultBytes = settings.decodeByteLimit("maxResultBytes", options.maxResultBytes, defaultMaxResultBytes)
   const codec = ResultCodec.fromSchemas<A, E | F>(options.success, options.failure)
@@ -165,7 +252,7 @@ const make = <A, E, R, F>(
             })
           )
         }
-        return internal.run<A, E | F, R>(self, {
+        return internal.runCompleted<A, E | F, R>(self, {
           key: key.right,
           namespace,
           maxResultBytes: maxResultBytes.right,
@@ -182,10 +269,23 @@ const make = <A, E, R, F>(
   )
 }
 
+const valueOf = <A>(done: internal.Completed<A>): A => done.value
+
+const withInfo = <A>(done: internal.Completed<A>): WithInfo<A> => ({
+  value: done.value,
+  replayed: done.replayed,
+  fence: done.fence,
+  createdAt: DateTime.unsafeMake(done.createdAt)
+})
+
 /**
  * Runs the effect at most once per key while its result is kept, and replays the stored result
  * (success, or a failure that `failure` encodes) to every later call. Other failures, defects and
  * interruptions release the key so a retry runs again. Needs a `Storage` layer.
+ *
+ * Without a `success` schema the result is stored as JSON, so the call only compiles when the
+ * result is plain JSON data ({@link JsonValue}): a `Date`, a class instance, a `bigint` or a `Map`
+ * would come back as something else, and is a compile error that asks for a schema.
  *
  * @example
  * ```ts
@@ -206,9 +306,14 @@ const make = <A, E, R, F>(
  *     })
  *   )
  *
+ * // Plain JSON data needs no schema.
+ * const sendReceipt = (orderId: string) =>
+ *   Effect.succeed({ sent: true, to: "buyer@example.com" }).pipe(Idempotent.wrap({ key: `receipt-${orderId}` }))
+ *
  * const program = Effect.gen(function*() {
  *   const first = yield* createOrder("req-1", "sku-1")
  *   const retry = yield* createOrder("req-1", "sku-1") // replayed, not run again
+ *   yield* sendReceipt(first.id)
  *   return [first, retry]
  * })
  *
@@ -219,13 +324,77 @@ const make = <A, E, R, F>(
  * @category Combinators
  */
 export const wrap: {
-  <A = unknown, F = never>(
-    options: WrapOptions<A, F>
+  <A, F = never>(
+    options: WrapOptionsWithSchema<A, F>
   ): <A2 extends A, E, R>(
     self: Effect.Effect<A2, E, R>
   ) => Effect.Effect<A2, E | F | WrapError, Exclude<R, Execution> | Storage.Storage>
+  <A = unknown, F = never>(
+    options: WrapOptions<A, F>
+  ): <A2 extends A, E, R>(
+    self: Effect.Effect<A2, E, R> & RequireJsonResult<A2>
+  ) => Effect.Effect<A2, E | F | WrapError, Exclude<R, Execution> | Storage.Storage>
   <A, E, R, F = never>(
     self: Effect.Effect<A, E, R>,
+    options: WrapOptionsWithSchema<NoInfer<A>, F>
+  ): Effect.Effect<A, E | F | WrapError, Exclude<R, Execution> | Storage.Storage>
+  <A, E, R, F = never>(
+    self: Effect.Effect<A, E, R> & RequireJsonResult<A>,
     options: WrapOptions<NoInfer<A>, F>
   ): Effect.Effect<A, E | F | WrapError, Exclude<R, Execution> | Storage.Storage>
-} = dual(2, <A, E, R, F>(self: Effect.Effect<A, E, R>, options: WrapOptions<A, F>) => make(self, options))
+} = dual(
+  2,
+  <A, E, R, F>(self: Effect.Effect<A, E, R>, options: WrapOptions<A, F>) => Effect.map(make(self, options), valueOf)
+)
+
+/**
+ * {@link wrap}, succeeding with the value and whether it was replayed: `{ value, replayed, fence,
+ * createdAt }`. What the HTTP middleware's `Idempotent-Replayed` header says to an HTTP client,
+ * for a queue consumer, a job or a test: log a redelivery, count duplicates, skip a notification
+ * that the first run already sent. A stored failure is replayed as the failure itself, as with
+ * `wrap`.
+ *
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { Idempotent, MemoryStorage } from "effect-idempotency"
+ *
+ * const handleMessage = (messageId: string) =>
+ *   Effect.succeed({ charged: 42 }).pipe(
+ *     Idempotent.wrapWithInfo({ key: messageId }),
+ *     Effect.tap(({ fence, replayed }) =>
+ *       replayed ? Effect.log(`redelivery of ${messageId}, already handled by run ${fence}`) : Effect.void
+ *     )
+ *   )
+ *
+ * Effect.runPromise(
+ *   Effect.zip(handleMessage("msg-1"), handleMessage("msg-1")).pipe(Effect.provide(MemoryStorage.layer()))
+ * ) // [{ value: { charged: 42 }, replayed: false, ... }, { value: { charged: 42 }, replayed: true, ... }]
+ * ```
+ *
+ * @since 0.1.0
+ * @category Combinators
+ */
+export const wrapWithInfo: {
+  <A, F = never>(
+    options: WrapOptionsWithSchema<A, F>
+  ): <A2 extends A, E, R>(
+    self: Effect.Effect<A2, E, R>
+  ) => Effect.Effect<WithInfo<A2>, E | F | WrapError, Exclude<R, Execution> | Storage.Storage>
+  <A = unknown, F = never>(
+    options: WrapOptions<A, F>
+  ): <A2 extends A, E, R>(
+    self: Effect.Effect<A2, E, R> & RequireJsonResult<A2>
+  ) => Effect.Effect<WithInfo<A2>, E | F | WrapError, Exclude<R, Execution> | Storage.Storage>
+  <A, E, R, F = never>(
+    self: Effect.Effect<A, E, R>,
+    options: WrapOptionsWithSchema<NoInfer<A>, F>
+  ): Effect.Effect<WithInfo<A>, E | F | WrapError, Exclude<R, Execution> | Storage.Storage>
+  <A, E, R, F = never>(
+    self: Effect.Effect<A, E, R> & RequireJsonResult<A>,
+    options: WrapOptions<NoInfer<A>, F>
+  ): Effect.Effect<WithInfo<A>, E | F | WrapError, Exclude<R, Execution> | Storage.Storage>
+} = dual(
+  2,
+  <A, E, R, F>(self: Effect.Effect<A, E, R>, options: WrapOptions<A, F>) => Effect.map(make(self, options), withInfo)
+)

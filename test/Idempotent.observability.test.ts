@@ -210,7 +210,8 @@ const scenarios = (base: string): Record<
     faults.acquire = false
     return exit
   }),
-  encode_error: Effect.exit(Effect.succeed({ amount: 1n }).pipe(Idempotent.wrap({ key: `${base}/h` })))
+  // NaN passes the types (a number) but has no JSON form: refused at run time.
+  encode_error: Effect.exit(Effect.succeed({ amount: Number.NaN }).pipe(Idempotent.wrap({ key: `${base}/h` })))
 })
 
 /** The `Idempotent.wrap` spans that `effect` created. */

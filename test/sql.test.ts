@@ -1034,6 +1034,7 @@ for (const c of cases) {
             const rolledBack = uniqueKey("ambient-rollback")
             const exit = yield* Effect.exit(sql.withTransaction(
               insertOrder(rolledBack).pipe(
+                Effect.asVoid,
                 Idempotent.wrap({ key: rolledBack, lease: "300 millis" }),
                 Effect.provideService(Storage.Storage, storage),
                 Effect.zipRight(Effect.fail(new Unstored()))

@@ -27,6 +27,7 @@ import * as Storage from "../Storage.js"
 import { keyHash } from "./fingerprint.js"
 import * as LocalFlights from "./localFlights.js"
 import * as metrics from "./metrics.js"
+import { NotPlainJson } from "./plainJson.js"
 import type { ResultCodec } from "./resultCodec.js"
 import * as wait from "./wait.js"
 
@@ -163,6 +164,26 @@ const firstToEnd = <A, E>(
   })
 
 /**
+ * A call's value, and whether it was replayed from the record or produced by this call's run.
+ *
+ * @internal
+ */
+export interface Completed<A> {
+  readonly value: A
+  readonly replayed: boolean
+  /** The record's: the fence of the run that produced the value, and when it was stored. */
+  readonly fence: number
+  readonly createdAt: number
+}
+
+const completed = <A>(value: A, record: IdempotencyRecord, replayed: boolean): Completed<A> => ({
+  value,
+  replayed,
+  fence: record.fence,
+  createdAt: record.createdAt
+})
+
+/**
  * Runs `self` at most once per key: the protocol that `Idempotent.wrap` and the HTTP middleware
  * share.
  *
@@ -172,6 +193,17 @@ export const run = <A, E, R>(
   self: Effect.Effect<A, E, R>,
   settings: Settings<A, E>
 ): Effect.Effect<A, E | WrapError, Exclude<R, Execution> | Storage.Storage> =>
+  Effect.map(runCompleted(self, settings), (done) => done.value)
+
+/**
+ * {@link run}, telling the caller whether the value was replayed.
+ *
+ * @internal
+ */
+export const runCompleted = <A, E, R>(
+  self: Effect.Effect<A, E, R>,
+  settings: Settings<A, E>
+): Effect.Effect<Completed<A>, E | WrapError, Exclude<R, Execution> | Storage.Storage> =>
   // The store and the clock are read off the fiber at once, not through an Effect each; the clock
   // is then read synchronously wherever the call needs the time.
   Effect.withFiberRuntime((fiber) => {
@@ -255,9 +287,12 @@ export const run = <A, E, R>(
       const replay = (
         record: IdempotencyRecord,
         rerunAllowed: boolean
-      ): Effect.Effect<A, E | WrapError, Exclude<R, Execution>> => {
+      ): Effect.Effect<Completed<A>, E | WrapError, Exclude<R, Execution>> => {
         if (record.fingerprint !== fingerprint) return reused()
-        const decoded = Effect.zipRight(noteOutcome(counters, settings.span, "replayed"), codec.decode(record))
+        const decoded = Effect.zipRight(
+          noteOutcome(counters, settings.span, "replayed"),
+          Effect.map(codec.decode(record), (value) => completed(value, record, true))
+        )
         if (settings.onUndecodable === "fail" || !rerunAllowed) return restore(decoded)
         return Effect.catchIf(
           restore(decoded),
@@ -273,7 +308,7 @@ export const run = <A, E, R>(
       const step = (
         shared: LocalFlights.Shared,
         rerunAllowed = true
-      ): Effect.Effect<A, E | WrapError, Exclude<R, Execution>> => {
+      ): Effect.Effect<Completed<A>, E | WrapError, Exclude<R, Execution>> => {
         const result = shared.result
         switch (result._tag) {
           case "Completed":
@@ -413,10 +448,10 @@ export const run = <A, E, R>(
               (committed) => committed ? Effect.succeed({ value, record }) : Effect.fail(leaseLost)
             )
           }))),
-          (exit): Effect.Effect<A, E | WrapError> => {
+          (exit): Effect.Effect<Completed<A>, E | WrapError> => {
             if (Exit.isSuccess(exit)) {
               LocalFlights.settle(storage, flight, { _tag: "Completed", record: exit.value.record })
-              return Effect.succeed(exit.value.value)
+              return Effect.succeed(completed(exit.value.value, exit.value.record, false))
             }
             const failure = Cause.failureOption(exit.cause)
             if (Option.isSome(failure) && failure.value instanceof RollBack) {
@@ -553,7 +588,10 @@ export const run = <A, E, R>(
       ): Either.Either<Uint8Array, readonly [ResultNotStoredReason, string, unknown]> => {
         const payload = codec.encodeSuccess(value)
         if (Either.isLeft(payload)) {
-          return Either.left(["unencodable", "the success schema could not encode the result", payload.left] as const)
+          const detail = payload.left instanceof NotPlainJson
+            ? payload.left.message
+            : "the success schema could not encode the result"
+          return Either.left(["unencodable", detail, payload.left] as const)
         }
         return tooLarge(payload.right) ? Either.left(tooLargeReason(payload.right)) : Either.right(payload.right)
       }
@@ -570,7 +608,7 @@ export const run = <A, E, R>(
         flight: LocalFlights.Flight,
         outcome: IdempotencyRecord["outcome"],
         payload: Uint8Array
-      ): Effect.Effect<void, IdempotencyLeaseLost | IdempotencyResultNotStored> => {
+      ): Effect.Effect<IdempotencyRecord, IdempotencyLeaseLost | IdempotencyResultNotStored> => {
         // A store that cannot check the owner in its commit must not be written past the deadline:
         // another caller may hold the key by then. The others check it themselves.
         const commit = !storage.capabilities.ownedCommit && pastDeadline(flight)
@@ -582,7 +620,7 @@ export const run = <A, E, R>(
             onSuccess: (committed) => {
               if (committed) {
                 LocalFlights.settle(storage, flight, { _tag: "Completed", record })
-                return Effect.void
+                return Effect.succeed(record)
               }
               LocalFlights.settle(storage, flight, LocalFlights.released)
               return Effect.zipRight(
@@ -614,7 +652,7 @@ export const run = <A, E, R>(
         lease: Storage.Lease,
         flight: LocalFlights.Flight,
         outer: RunExit<A, E>
-      ): Effect.Effect<A, E | WrapError> => {
+      ): Effect.Effect<Completed<A>, E | WrapError> => {
         if (Exit.isFailure(outer)) {
           const lost = Cause.failureOption(outer.cause)
           if (Option.isSome(lost)) {
@@ -630,18 +668,22 @@ export const run = <A, E, R>(
             const [reason, detail, cause] = payload.left
             return Effect.zipRight(releaseKey(lease, flight), notStored(reason, detail, cause))
           }
-          return Effect.as(store(lease, flight, "success", payload.right), exit.value)
+          return Effect.map(store(lease, flight, "success", payload.right), (record) =>
+            completed(exit.value, record, false))
         }
         const failure = Cause.isFailType(exit.cause) ? Option.some(exit.cause.error) : Option.none()
         const payload = Option.flatMap(failure, codec.encodeFailure)
-        if (Option.isNone(payload)) return Effect.zipRight(releaseKey(lease, flight), exit)
+        if (Option.isNone(payload)) {
+          return Effect.zipRight(releaseKey(lease, flight), Effect.failCause(exit.cause))
+        }
         if (tooLarge(payload.value)) {
           const [reason, detail] = tooLargeReason(payload.value)
           return Effect.zipRight(releaseKey(lease, flight), notStored(reason, detail, Cause.squash(exit.cause)))
         }
-        return Effect.zipRight(store(lease, flight, "failure", payload.value), exit)
+        return Effect.zipRight(store(lease, flight, "failure", payload.value), Effect.failCause(exit.cause))
       }
 
-      return Effect.flatMap(acquire, (shared) => step(shared))
+      return Effect.flatMap(acquire, (shared) =>
+        step(shared))
     })
   })

@@ -5,6 +5,7 @@ import * as ParseResult from "effect/ParseResult"
 import * as Schema from "effect/Schema"
 import { IdempotencyRecordUndecodable, type IdempotencyStorageError } from "../IdempotencyError.js"
 import type { IdempotencyRecord, Outcome } from "../IdempotencyRecord.js"
+import * as PlainJson from "./plainJson.js"
 
 /**
  * Turns a run's result into stored bytes and back. `Idempotent.wrap` builds one from the caller's
@@ -41,6 +42,8 @@ type AnySchema = Schema.Schema<any, any, never>
 interface SchemaCodec {
   readonly encode: (value: unknown) => Either.Either<unknown, ParseResult.ParseError>
   readonly decode: (value: unknown) => Either.Either<unknown, ParseResult.ParseError>
+  /** How the encoded value becomes JSON text. */
+  readonly stringify: (encoded: unknown) => Uint8Array
 }
 
 // Schema's encoders are built per schema; cache them so a hot wrap does not rebuild them per call.
@@ -48,13 +51,28 @@ const schemaCodecs = new WeakMap<AnySchema, SchemaCodec>()
 const schemaCodec = (schema: AnySchema): SchemaCodec => {
   let codec = schemaCodecs.get(schema)
   if (codec === undefined) {
-    codec = { encode: Schema.encodeUnknownEither(schema), decode: Schema.decodeUnknownEither(schema) }
+    codec = {
+      encode: Schema.encodeUnknownEither(schema),
+      decode: Schema.decodeUnknownEither(schema),
+      stringify: toBytes
+    }
     schemaCodecs.set(schema, codec)
   }
   return codec
 }
 
-const identityCodec: SchemaCodec = { encode: Either.right, decode: Either.right }
+// Without a schema the value itself is stored, and only plain JSON data is: anything else would
+// replay as something other than what the first call returned.
+const plainJsonCodec: SchemaCodec = {
+  encode: Either.right,
+  decode: Either.right,
+  stringify: (value) => {
+    if (value === undefined) return empty
+    const json = PlainJson.stringify(value)
+    if (typeof json !== "string") throw json
+    return textEncoder.encode(json)
+  }
+}
 
 // A schema's own transformation may throw: that is an unencodable result, not a defect that
 // would leave the run half-finished.
@@ -62,7 +80,7 @@ const encodeWith = (codec: SchemaCodec, value: unknown): Either.Either<Uint8Arra
   try {
     const encoded = codec.encode(value)
     if (Either.isLeft(encoded)) return Either.left(encoded.left)
-    return Either.right(toBytes(encoded.right))
+    return Either.right(codec.stringify(encoded.right))
   } catch (error) {
     return Either.left(error)
   }
@@ -90,7 +108,7 @@ export const fromSchemas = <A, E>(
   success: Schema.Schema<A, any, never> | undefined,
   failure: Schema.Schema<any, any, never> | undefined
 ): ResultCodec<A, E> => {
-  const successCodec = success === undefined ? identityCodec : schemaCodec(success)
+  const successCodec = success === undefined ? plainJsonCodec : schemaCodec(success)
   const failureCodec = failure === undefined ? undefined : schemaCodec(failure)
   return {
     encodeSuccess: (value) => encodeWith(successCodec, value),
