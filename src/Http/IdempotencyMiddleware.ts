@@ -4,6 +4,32 @@
  * and its response is stored; every retry with the same key gets that response back, byte for
  * byte, with `Idempotent-Replayed: true`.
  *
+ * ## Options
+ *
+ * | Option | Default | What it does |
+ * | --- | --- | --- |
+ * | `header` | `"Idempotency-Key"` | the request header holding the key |
+ * | `key` | none | a function that finds the key elsewhere (the body, several headers); instead of `header` |
+ * | `methods` | `["POST", "PATCH"]` | the methods covered; others pass straight through |
+ * | `required` | `false` | a covered request without a key gets a 400 instead of passing through |
+ * | `maxKeyLength` | `255` | the longest key, in characters |
+ * | `maxBodyBytes` | 1 MiB | the largest request body read (413 over it) |
+ * | `maxResponseBytes` | 1 MiB | the largest response stored (sent, not stored, over it) |
+ * | `credentialHeaders` | `["authorization", "cookie"]` | the headers whose digest scopes a key to its caller |
+ * | `scope` | none | who a record belongs to, instead of `credentialHeaders` |
+ * | `fingerprint` | method, path, query, body | what a retry must match (422 otherwise) |
+ * | `store` | {@link defaultStore} | which statuses are stored and replayed |
+ * | `replayHeader` | `"Idempotent-Replayed"` | the header that marks a replay |
+ * | `ttl` | 24 hours | how long a response is replayed |
+ * | `lease` | 30 seconds | the in-flight lease, renewed while the handler runs |
+ * | `onInFlight` | `"fail"` | a duplicate gets a 409 at once, or `{ wait }` for the first response |
+ * | `inFlightRetryAfter` | 1 second | the `Retry-After` of that 409: when a retry may first succeed |
+ * | `onUndecodable` | `"fail"` | a stored response this version cannot read: 503, or `"run"` again |
+ * | `problemTypeBase` | this project's problem-types page | where the `type` URIs of problems point |
+ * | `problem` | `application/problem+json` | renders a problem as the app wants it |
+ *
+ * {@link make} takes them as values; {@link makeConfig} reads the data options from `Config`.
+ *
  * @since 0.1.0
  */
 import * as HttpApp from "@effect/platform/HttpApp"
@@ -12,6 +38,8 @@ import * as HttpServerError from "@effect/platform/HttpServerError"
 import * as HttpServerRequest from "@effect/platform/HttpServerRequest"
 import * as HttpServerResponse from "@effect/platform/HttpServerResponse"
 import * as Cause from "effect/Cause"
+import * as Config from "effect/Config"
+import type * as ConfigError from "effect/ConfigError"
 import * as Context from "effect/Context"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
@@ -25,7 +53,7 @@ import * as Scope from "effect/Scope"
 import {
   IdempotencyKeyInvalid,
   IdempotencyKeyMissing,
-  IdempotencyOptionsInvalid,
+  type IdempotencyOptionsInvalid,
   type KeyInvalidReason,
   type ResultNotStoredReason,
   type WrapError
@@ -34,49 +62,58 @@ import type * as Idempotent from "../Idempotent.js"
 import * as internalFingerprint from "../internal/fingerprint.js"
 import * as apiErrors from "../internal/http/apiErrors.js"
 import * as httpKey from "../internal/http/key.js"
+import * as httpOptions from "../internal/http/options.js"
 import * as httpRequest from "../internal/http/request.js"
 import * as storedResponse from "../internal/http/storedResponse.js"
 import * as internal from "../internal/idempotent.js"
 import * as internalKey from "../internal/key.js"
-import * as settings from "../internal/settings.js"
 import type * as Storage from "../Storage.js"
 
 /**
- * The stable `type` URI of each problem the middleware answers with.
+ * The `type` URI of each problem the middleware answers with, by default: a section of this
+ * project's problem-types page (`docs/en/problem-types.md`), whose anchor is the problem's slug
+ * (`#key-missing`, `#in-flight`, ...) and which says what the client should do. With
+ * `problemTypeBase` the same slug follows that base instead.
  *
  * @since 0.1.0
  * @category Problems
  */
 export const ProblemType = {
   /** 400: the route requires a key and the request had none. */
-  KeyMissing: "https://effect-idempotency.dev/problems/key-missing",
-  /** 400: the header is malformed, sent twice, empty, too long or has control characters. */
-  KeyInvalid: "https://effect-idempotency.dev/problems/key-invalid",
+  KeyMissing: "https://github.com/effect-idempotency/effect-idempotency/blob/main/docs/en/problem-types.md#key-missing",
+  /** 400: the key is malformed, sent twice, empty, too long or has control characters. */
+  KeyInvalid: "https://github.com/effect-idempotency/effect-idempotency/blob/main/docs/en/problem-types.md#key-invalid",
   /** 422: the key was used before with another request (method, path, query or body). */
-  KeyReused: "https://effect-idempotency.dev/problems/key-reused",
-  /** 409: the first request with this key is still running (`Retry-After` says how long at most). */
-  InFlight: "https://effect-idempotency.dev/problems/in-flight",
+  KeyReused: "https://github.com/effect-idempotency/effect-idempotency/blob/main/docs/en/problem-types.md#key-reused",
+  /** 409: the first request with this key is still running (`Retry-After` says when to try again). */
+  InFlight: "https://github.com/effect-idempotency/effect-idempotency/blob/main/docs/en/problem-types.md#in-flight",
   /** 409: the request ran, but lost its lease before its response could be stored. */
-  LeaseLost: "https://effect-idempotency.dev/problems/lease-lost",
+  LeaseLost: "https://github.com/effect-idempotency/effect-idempotency/blob/main/docs/en/problem-types.md#lease-lost",
   /** 503: the idempotency storage failed; the request was not processed. */
-  StorageUnavailable: "https://effect-idempotency.dev/problems/storage-unavailable",
+  StorageUnavailable:
+    "https://github.com/effect-idempotency/effect-idempotency/blob/main/docs/en/problem-types.md#storage-unavailable",
   /**
    * 503 with `Retry-After`: the response stored for this key cannot be read here (written by a
    * newer version of this library during a rolling deploy, or damaged); the request was not
    * processed. Another instance may read it.
    */
-  RecordUndecodable: "https://effect-idempotency.dev/problems/record-undecodable",
+  RecordUndecodable:
+    "https://github.com/effect-idempotency/effect-idempotency/blob/main/docs/en/problem-types.md#record-undecodable",
   /**
    * 503: the request was processed, but its response could not be stored (the storage failed
    * while the lease held), so no retry can replay it and a retry may process it again.
    */
-  ResultNotStored: "https://effect-idempotency.dev/problems/result-not-stored",
+  ResultNotStored:
+    "https://github.com/effect-idempotency/effect-idempotency/blob/main/docs/en/problem-types.md#result-not-stored",
   /** 500: the middleware's options are invalid. `make` refuses such options, so this is not sent. */
-  Misconfigured: "https://effect-idempotency.dev/problems/misconfigured",
+  Misconfigured:
+    "https://github.com/effect-idempotency/effect-idempotency/blob/main/docs/en/problem-types.md#misconfigured",
   /** 413: the request body is larger than `maxBodyBytes`. */
-  BodyTooLarge: "https://effect-idempotency.dev/problems/body-too-large",
+  BodyTooLarge:
+    "https://github.com/effect-idempotency/effect-idempotency/blob/main/docs/en/problem-types.md#body-too-large",
   /** 400: the request body could not be read (the client stopped sending it, or sent it malformed). */
-  BodyUnreadable: "https://effect-idempotency.dev/problems/body-unreadable"
+  BodyUnreadable:
+    "https://github.com/effect-idempotency/effect-idempotency/blob/main/docs/en/problem-types.md#body-unreadable"
 } as const
 
 /**
@@ -92,25 +129,43 @@ export type ProblemType = typeof ProblemType[keyof typeof ProblemType]
  * @category Problems
  */
 export interface Problem {
-  readonly type: ProblemType
+  /**
+   * A {@link ProblemType} value; with `problemTypeBase`, that base followed by the same `#slug`
+   * (`https://api.example.com/problems#in-flight`).
+   */
+  readonly type: string
   readonly title: string
   readonly status: number
   readonly detail: string
   /** For `KeyInvalid`: why the key was refused; for `ResultNotStored`: why the response was not kept. */
   readonly reason?: KeyInvalidReason | ResultNotStoredReason
   /**
-   * For `InFlight`: whole seconds until the first request's lease ends; for `RecordUndecodable`:
-   * when to try again. Also sent as `Retry-After`.
+   * Whole seconds before a retry may first succeed, also sent as `Retry-After`. For `InFlight`:
+   * the first request may finish at any moment, so this is `inFlightRetryAfter` (1 by default),
+   * never more than `leaseExpiresInSeconds`; for `RecordUndecodable`: when another instance may
+   * have taken over.
    */
   readonly retryAfter?: number
+  /**
+   * For `InFlight`: whole seconds until the first request's lease ends unless it is renewed. Its
+   * holder renews it while it runs, so this is the latest the key frees if that server stopped,
+   * not when the response will be ready.
+   */
+  readonly leaseExpiresInSeconds?: number
 }
 
 /**
+ * The options of the middleware that are data, so they can come from `Config` (see
+ * {@link makeConfig}).
+ *
  * @since 0.1.0
  * @category Models
  */
-export interface IdempotencyMiddlewareOptions<E = never, R = never> {
-  /** The request header holding the key: a bare token or an RFC 8941 quoted string. Default `"Idempotency-Key"`. */
+export interface IdempotencyMiddlewareSettings {
+  /**
+   * The request header holding the key: a bare token or an RFC 8941 quoted string. Default
+   * `"Idempotency-Key"`. Not with `key`.
+   */
   readonly header?: string | undefined
   /** The methods the middleware covers; others pass straight through. Default `["POST", "PATCH"]`. */
   readonly methods?: ReadonlyArray<HttpMethod.HttpMethod> | undefined
@@ -119,9 +174,9 @@ export interface IdempotencyMiddlewareOptions<E = never, R = never> {
   /** The longest key accepted, in characters. Default 255. */
   readonly maxKeyLength?: number | undefined
   /**
-   * The largest request body read on a request with a key, in bytes (over it: 413, checked on
-   * `Content-Length` first, then while reading). Multipart bodies are not read (nor fingerprinted):
-   * they are left to the handler to stream. Default 1 MiB.
+   * The largest request body read on a request with a key (or read by a `key` function), in
+   * bytes (over it: 413, checked on `Content-Length` first, then while reading). Multipart bodies
+   * are not read (nor fingerprinted): they are left to the handler to stream. Default 1 MiB.
    */
   readonly maxBodyBytes?: number | undefined
   /**
@@ -139,6 +194,62 @@ export interface IdempotencyMiddlewareOptions<E = never, R = never> {
    * `scope`. Ignored when `scope` is given.
    */
   readonly credentialHeaders?: ReadonlyArray<string> | undefined
+  /** The header added to replays, with the value `true`. Default `"Idempotent-Replayed"`. */
+  readonly replayHeader?: string | undefined
+  /** How long a stored response is replayed. Default 24 hours. */
+  readonly ttl?: Duration.DurationInput | undefined
+  /** The in-flight lease, renewed while the handler runs. Default 30 seconds. */
+  readonly lease?: Duration.DurationInput | undefined
+  /** `"fail"` (409 with `Retry-After`) or `{ wait }` for the first response. Default `"fail"`. */
+  readonly onInFlight?: Idempotent.OnInFlight | undefined
+  /**
+   * The `Retry-After` of a 409 in-flight (also when a `{ wait }` ran out): when a retry may first
+   * succeed. The first request may finish at any moment, so it is short; it is rounded up to
+   * whole seconds and never more than the lease left (the body's `leaseExpiresInSeconds`, the
+   * latest the key frees if the server running the first request stopped). Default 1 second.
+   */
+  readonly inFlightRetryAfter?: Duration.DurationInput | undefined
+  /**
+   * What a stored response that cannot be read does (one written by a newer version of this
+   * library, during a rolling deploy): `"fail"` answers 503 `RecordUndecodable` with
+   * `Retry-After`, so the retry may reach an instance that reads it; `"run"` forgets it and runs
+   * the handler again. Default `"fail"`.
+   */
+  readonly onUndecodable?: "fail" | "run" | undefined
+  /**
+   * Where the `type` URIs of problems point: an absolute URI without a fragment, to which `#` and
+   * the problem's slug are added (`"https://api.example.com/problems"` gives
+   * `"https://api.example.com/problems#key-reused"`). Give your own page to document the
+   * problems with your API. Default: this project's problem-types page (see {@link ProblemType}).
+   */
+  readonly problemTypeBase?: string | undefined
+}
+
+/**
+ * The options of the middleware that are functions.
+ *
+ * @since 0.1.0
+ * @category Models
+ */
+export interface IdempotencyMiddlewareFunctions<E = never, R = never> {
+  /**
+   * Finds the key in the request, instead of the `header`: in the body (`{ "requestId": ... }`),
+   * or in several headers together. `None` is a request without a key (passed through, or 400
+   * when `required`). The key is checked as a header key is (length, control characters, valid
+   * Unicode): 400 `KeyInvalid` otherwise.
+   *
+   * The function may read the body: it is read once, within `maxBodyBytes` (413 over it, 400 if it
+   * cannot be read, whatever the function makes of that), and the handler reads it again. A
+   * multipart body is not buffered: find its key in the headers or the URL. A failure of the
+   * function is the request's failure, as for `scope`: the handler does not run, nothing is
+   * stored, and the app renders it (an `HttpServerError.RequestError` or a `ParseError`, from a
+   * body that is not JSON or not of its schema, as a 400; a declared error of an `HttpApi` as
+   * declared; any other error, and a defect, as a 500). Map the errors you expect to a `None` or an `Option.some` of the key, or
+   * to an error that renders as you want.
+   */
+  readonly key?:
+    | ((request: HttpServerRequest.HttpServerRequest) => Effect.Effect<Option.Option<string>, E, R>)
+    | undefined
   /**
    * Who the stored record belongs to, on top of the method and route: the tenant or principal,
    * so that one key sent by two of them runs twice. Given, it replaces the digest of
@@ -170,21 +281,6 @@ export interface IdempotencyMiddlewareOptions<E = never, R = never> {
    * | 5xx | no | a failure: the retry may succeed |
    */
   readonly store?: ((status: number) => boolean) | undefined
-  /** The header added to replays, with the value `true`. Default `"Idempotent-Replayed"`. */
-  readonly replayHeader?: string | undefined
-  /** How long a stored response is replayed. Default 24 hours. */
-  readonly ttl?: Duration.DurationInput | undefined
-  /** The in-flight lease, renewed while the handler runs. Default 30 seconds. */
-  readonly lease?: Duration.DurationInput | undefined
-  /** `"fail"` (409 with `Retry-After`) or `{ wait }` for the first response. Default `"fail"`. */
-  readonly onInFlight?: Idempotent.OnInFlight | undefined
-  /**
-   * What a stored response that cannot be read does (one written by a newer version of this
-   * library, during a rolling deploy): `"fail"` answers 503 `RecordUndecodable` with
-   * `Retry-After`, so the retry may reach an instance that reads it; `"run"` forgets it and runs
-   * the handler again. Default `"fail"`.
-   */
-  readonly onUndecodable?: "fail" | "run" | undefined
   /** Renders a problem as the app wants it. Default: the problem as `application/problem+json`. */
   readonly problem?:
     | ((problem: Problem, request: HttpServerRequest.HttpServerRequest) => HttpServerResponse.HttpServerResponse)
@@ -192,10 +288,20 @@ export interface IdempotencyMiddlewareOptions<E = never, R = never> {
 }
 
 /**
- * The middleware `make` returns: it adds `Storage` (and what `scope` or `fingerprint` need) to
- * the app's requirements. It does not provide `Idempotent.Execution`: a request without a key, or
- * with a method the middleware does not cover, runs the handler outside any run, so a handler that
- * requires `Execution` keeps that requirement (and cannot be served). Handlers read
+ * Every option of the middleware: see the table at the top of this module.
+ *
+ * @since 0.1.0
+ * @category Models
+ */
+export interface IdempotencyMiddlewareOptions<E = never, R = never>
+  extends IdempotencyMiddlewareSettings, IdempotencyMiddlewareFunctions<E, R>
+{}
+
+/**
+ * The middleware `make` returns: it adds `Storage` (and what `key`, `scope` or `fingerprint`
+ * need) to the app's requirements. It does not provide `Idempotent.Execution`: a request without
+ * a key, or with a method the middleware does not cover, runs the handler outside any run, so a
+ * handler that requires `Execution` keeps that requirement (and cannot be served). Handlers read
  * `Idempotent.currentExecution` instead, `Some` inside a run and `None` outside.
  *
  * @since 0.1.0
@@ -237,30 +343,34 @@ const notStoredStatuses: ReadonlySet<number> = new Set([400, 401, 403, 408, 411,
  */
 export const defaultStore = (status: number): boolean => status < 500 && !notStoredStatuses.has(status)
 
-const mebibyte = 1024 * 1024
-
 // How long a client should wait before retrying a request whose stored response this instance
 // cannot read: long enough for a rolling deploy to move on, short enough for a client to wait.
 const undecodableRetryAfterSeconds = 5
 
-// RFC 9110 `token`: a header name.
-const headerToken = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/
+/** What the problems' wording depends on. */
+interface ProblemContext {
+  /** How the key is named to the client: "the Idempotency-Key header", or "the idempotency key". */
+  readonly keyLabel: string
+  readonly inFlightRetryAfterSeconds: number
+  /** How long a duplicate waits for the first response; `undefined` when it fails at once. */
+  readonly wait: Duration.Duration | undefined
+}
 
-const problemOf = (error: WrapError | IdempotencyKeyMissing, header: string): Problem => {
+const problemOf = (error: WrapError | IdempotencyKeyMissing, context: ProblemContext): Problem => {
   switch (error._tag) {
     case "IdempotencyKeyMissing":
       return {
         type: ProblemType.KeyMissing,
         title: "Idempotency key missing",
         status: 400,
-        detail: `This request requires an ${header} header.`
+        detail: `This request requires ${context.keyLabel}.`
       }
     case "IdempotencyKeyInvalid":
       return {
         type: ProblemType.KeyInvalid,
         title: "Invalid idempotency key",
         status: 400,
-        detail: `The ${header} header is invalid: ${error.detail}.`,
+        detail: `${capitalize(context.keyLabel)} is invalid: ${error.detail}.`,
         reason: error.reason
       }
     case "IdempotencyKeyReused":
@@ -271,13 +381,23 @@ const problemOf = (error: WrapError | IdempotencyKeyMissing, header: string): Pr
         detail: "This key was already used with a different request (method, path, query or body)."
       }
     case "IdempotencyInFlight": {
-      const retryAfter = Math.max(1, Math.ceil(Duration.toSeconds(error.retryAfter)))
+      // The lease is renewed while the first request runs: what is left of it bounds when the key
+      // frees if its server stopped, not when the response is ready, which can be any moment.
+      const leaseExpiresInSeconds = Math.max(1, Math.ceil(Duration.toSeconds(error.retryAfter)))
+      const retryAfter = Math.min(context.inFlightRetryAfterSeconds, leaseExpiresInSeconds)
+      const waited = context.wait === undefined
+        ? ""
+        : ` It did not finish within the ${Duration.format(context.wait)} this server waits for it.`
       return {
         type: ProblemType.InFlight,
         title: "Request in progress",
         status: 409,
-        detail: `A request with this key is still in progress: retry in ${retryAfter} second(s).`,
-        retryAfter
+        detail: `A request with this key is still in progress.${waited} It may finish at any moment: ` +
+          `retry with the same key in ${retryAfter} second(s) (retryAfter). Its lease ends in ` +
+          `${leaseExpiresInSeconds} second(s) unless its server renews it (leaseExpiresInSeconds): ` +
+          "if that server stopped, the key is free by then at the latest.",
+        retryAfter,
+        leaseExpiresInSeconds
       }
     }
     case "IdempotencyLeaseLost":
@@ -322,6 +442,8 @@ const problemOf = (error: WrapError | IdempotencyKeyMissing, header: string): Pr
   }
 }
 
+const capitalize = (text: string) => text.charAt(0).toUpperCase() + text.slice(1)
+
 const bodyUnreadable: Problem = {
   type: ProblemType.BodyUnreadable,
   title: "Request body unreadable",
@@ -329,27 +451,18 @@ const bodyUnreadable: Problem = {
   detail: "The request body could not be read."
 }
 
-const invalid = (option: string, detail: string) => new IdempotencyOptionsInvalid({ option, detail })
-
 const orThrow = <A>(either: Either.Either<A, IdempotencyOptionsInvalid>): A => {
   if (Either.isLeft(either)) throw either.left
   return either.right
-}
-
-const headerOption = (option: string, value: string | undefined, fallback: string): string => {
-  if (value === undefined) return fallback
-  if (typeof value !== "string" || !headerToken.test(value)) {
-    throw invalid(option, `must be a header name (an HTTP token), got ${JSON.stringify(value)}`)
-  }
-  return value
 }
 
 /**
  * Builds the middleware. Mount it with `HttpRouter.use`, `HttpServer.serve(app, middleware)` or
  * `HttpApiBuilder.middleware(middleware, { withContext: true })`, and provide a `Storage` layer.
  * Options that make no sense (a lease of zero, a `ttl` shorter than the lease, a byte limit that
- * is not a positive whole number, a header name that is not one) throw
- * `IdempotencyOptionsInvalid` here, before any request.
+ * is not a positive whole number, a header name that is not one, both `key` and `header`, a
+ * `problemTypeBase` that is not an absolute URI) throw `IdempotencyOptionsInvalid` here, before
+ * any request.
  *
  * A covered request (`POST` or `PATCH` by default) with a key is checked before the handler
  * runs: a key in use by another request gets a 409 with `Retry-After`, a key used with another
@@ -397,44 +510,131 @@ const headerOption = (option: string, value: string | undefined, fallback: strin
  * )
  * ```
  *
+ * @example
+ * ```ts
+ * // The key in the JSON body (`{ "requestId": "...", ... }`), for clients that cannot set headers.
+ * import { Effect, Option, Schema } from "effect"
+ * import * as IdempotencyMiddleware from "effect-idempotency/Http/IdempotencyMiddleware"
+ *
+ * const RequestId = Schema.Struct({ requestId: Schema.optional(Schema.String) })
+ *
+ * export const fromBody = IdempotencyMiddleware.make({
+ *   // A body that is not JSON, or has no string `requestId`, is a request without a key.
+ *   key: (request) =>
+ *     request.json.pipe(
+ *       Effect.flatMap(Schema.decodeUnknown(RequestId)),
+ *       Effect.map(({ requestId }) => Option.fromNullable(requestId)),
+ *       Effect.orElseSucceed(() => Option.none<string>())
+ *     ),
+ *   required: true
+ * })
+ *
+ * // Or a key made of two headers: the tenant's own request id is unique per tenant only.
+ * export const fromHeaders = IdempotencyMiddleware.make({
+ *   key: (request) =>
+ *     Effect.succeed(
+ *       Option.all([
+ *         Option.fromNullable(request.headers["x-tenant"]),
+ *         Option.fromNullable(request.headers["x-request-id"])
+ *       ]).pipe(Option.map(([tenant, id]) => `${tenant}:${id}`))
+ *     )
+ * })
+ * ```
+ *
  * @since 0.1.0
  * @category Constructors
  */
 export const make = <E2 = never, R2 = never>(
   options?: IdempotencyMiddlewareOptions<E2, R2>
+): IdempotencyMiddleware<E2, R2> => build(orThrow(httpOptions.decode(options ?? {})), options ?? {})
+
+/**
+ * {@link make} with its data options read from `Config` (each one a `Config`: `Config.succeed`
+ * for a fixed value; one left out takes its default), and its functions given as they are. Bad values fail the effect, with a `ConfigError` when the
+ * configuration cannot be read as the type asks, or `IdempotencyOptionsInvalid` when the value
+ * makes no sense (a zero lease, a header name that is not one, a `header` beside a `key` function).
+ *
+ * @example
+ * ```ts
+ * import { HttpRouter } from "@effect/platform"
+ * import { Config, Effect } from "effect"
+ * import * as IdempotencyMiddleware from "effect-idempotency/Http/IdempotencyMiddleware"
+ *
+ * // IDEMPOTENCY_LEASE=10 seconds IDEMPOTENCY_REQUIRED=true IDEMPOTENCY_MAX_BODY_BYTES=65536
+ * export const router = (routes: HttpRouter.HttpRouter) =>
+ *   Effect.map(
+ *     IdempotencyMiddleware.makeConfig({
+ *       lease: Config.duration("IDEMPOTENCY_LEASE").pipe(Config.withDefault("30 seconds")),
+ *       required: Config.boolean("IDEMPOTENCY_REQUIRED").pipe(Config.withDefault(false)),
+ *       maxBodyBytes: Config.integer("IDEMPOTENCY_MAX_BODY_BYTES").pipe(Config.withDefault(1024 * 1024)),
+ *       problemTypeBase: Config.succeed("https://api.example.com/problems")
+ *     }),
+ *     (middleware) => HttpRouter.use(routes, middleware)
+ *   )
+ * ```
+ *
+ * @since 0.1.0
+ * @category Constructors
+ */
+export const makeConfig = <E2 = never, R2 = never>(
+  config: Config.Config.Wrap<IdempotencyMiddlewareSettings>,
+  functions?: IdempotencyMiddlewareFunctions<E2, R2>
+): Effect.Effect<IdempotencyMiddleware<E2, R2>, ConfigError.ConfigError | IdempotencyOptionsInvalid> =>
+  Effect.flatMap(Config.unwrap(config), (settings) => {
+    const options: IdempotencyMiddlewareOptions<E2, R2> = { ...settings, ...functions }
+    return Effect.map(httpOptions.decode(options), (decoded) => build(decoded, options))
+  })
+
+const build = <E2, R2>(
+  decoded: httpOptions.Decoded,
+  options: IdempotencyMiddlewareOptions<E2, R2>
 ): IdempotencyMiddleware<E2, R2> => {
-  const headerLabel = headerOption("header", options?.header, "Idempotency-Key")
-  const headerName = headerLabel.toLowerCase()
-  const methods = new Set<string>(options?.methods ?? ["POST", "PATCH"])
-  const required = options?.required === true
-  const maxKeyLength = options?.maxKeyLength ?? internalKey.defaultMaxLength
-  if (!Number.isInteger(maxKeyLength) || maxKeyLength < 1) {
-    throw invalid("maxKeyLength", `must be a whole number of characters above zero, got ${String(maxKeyLength)}`)
-  }
-  const maxBodyBytes = orThrow(settings.decodeByteLimit("maxBodyBytes", options?.maxBodyBytes, mebibyte))
-  const maxResponseBytes = orThrow(settings.decodeByteLimit("maxResponseBytes", options?.maxResponseBytes, mebibyte))
-  const { lease, ttl, wait } = orThrow(settings.decodeTiming(options ?? {}))
-  const store = options?.store ?? defaultStore
-  const replayHeader = headerOption("replayHeader", options?.replayHeader, "Idempotent-Replayed").toLowerCase()
-  const credentialHeaders = (options?.credentialHeaders ?? ["authorization", "cookie"]).map((name) =>
-    headerOption("credentialHeaders", name, name).toLowerCase()
-  )
-  const onUndecodable = options?.onUndecodable ?? "fail"
-  if (onUndecodable !== "fail" && onUndecodable !== "run") {
-    throw invalid("onUndecodable", `must be "fail" or "run", got ${JSON.stringify(onUndecodable)}`)
-  }
-  const render = options?.problem
+  const {
+    credentialHeaders,
+    headerLabel,
+    headerName,
+    lease,
+    maxBodyBytes,
+    maxKeyLength,
+    maxResponseBytes,
+    methods,
+    onUndecodable,
+    problemTypeBase,
+    replayHeader,
+    required,
+    ttl,
+    wait
+  } = decoded
+  const keyOf = options.key
+  const store = options.store ?? defaultStore
+  const render = options.problem
   const codec = storedResponse.codec<NotStorable>()
+  const problemContext: ProblemContext = {
+    keyLabel: headerLabel === undefined ? "an idempotency key" : `an ${headerLabel} header`,
+    inFlightRetryAfterSeconds: decoded.inFlightRetryAfterSeconds,
+    wait
+  }
+  const invalidContext: ProblemContext = {
+    ...problemContext,
+    keyLabel: headerLabel === undefined ? "the idempotency key" : `the ${headerLabel} header`
+  }
+  const problemFor = (error: WrapError | IdempotencyKeyMissing) =>
+    problemOf(error, error._tag === "IdempotencyKeyMissing" ? problemContext : invalidContext)
+
+  // The type URI as sent: the default page's, or the same slug after the user's base.
+  const typeUri = (type: string) =>
+    problemTypeBase === httpOptions.defaultProblemTypeBase ? type : problemTypeBase + type.slice(type.indexOf("#"))
 
   const respond = (
     problem: Problem,
     request: HttpServerRequest.HttpServerRequest
   ): HttpServerResponse.HttpServerResponse => {
+    const sent: Problem = { ...problem, type: typeUri(problem.type) }
     let response = render === undefined
-      ? HttpServerResponse.unsafeJson(problem, { status: problem.status, contentType: "application/problem+json" })
-      : render(problem, request)
-    if (problem.retryAfter !== undefined && response.headers["retry-after"] === undefined) {
-      response = HttpServerResponse.setHeader(response, "retry-after", String(problem.retryAfter))
+      ? HttpServerResponse.unsafeJson(sent, { status: sent.status, contentType: "application/problem+json" })
+      : render(sent, request)
+    if (sent.retryAfter !== undefined && response.headers["retry-after"] === undefined) {
+      response = HttpServerResponse.setHeader(response, "retry-after", String(sent.retryAfter))
     }
     // The rest of the body is left unread, so the connection cannot carry another request.
     if (problem.type === ProblemType.BodyTooLarge || problem.type === ProblemType.BodyUnreadable) {
@@ -457,7 +657,7 @@ export const make = <E2 = never, R2 = never>(
     request: HttpServerRequest.HttpServerRequest,
     body: Uint8Array | undefined
   ): Effect.Effect<Either.Either<string, IdempotencyKeyInvalid>, E2, R2> => {
-    const custom = options?.fingerprint
+    const custom = options.fingerprint
     if (custom === false) return Effect.succeed(Either.right(internalFingerprint.none))
     if (custom === undefined) return Effect.succeed(Either.right(httpRequest.defaultFingerprint(request, body)))
     return Effect.map(custom(request, body), (value) =>
@@ -472,7 +672,7 @@ export const make = <E2 = never, R2 = never>(
    * without any). Tagged, so a `scope` value never equals a digest.
    */
   const principalOf = (request: HttpServerRequest.HttpServerRequest): Effect.Effect<unknown, E2, R2> => {
-    if (options?.scope !== undefined) return Effect.map(options.scope(request), (scope) => ({ scope }))
+    if (options.scope !== undefined) return Effect.map(options.scope(request), (scope) => ({ scope }))
     const values = credentialHeaders.map((name) => request.headers[name] ?? null)
     const credentials = values.every((value) => value === null)
       ? null
@@ -590,7 +790,7 @@ export const make = <E2 = never, R2 = never>(
 
       const error = Exit.isFailure(outcome) ? Cause.failureOption(outcome.cause) : Option.none()
       const problem = Option.isSome(error) && error.value._tag !== "NotStorable"
-        ? problemOf(error.value, headerLabel)
+        ? problemFor(error.value)
         : undefined
       const instead = problem === undefined ? undefined : respond(problem, request)
       yield* Deferred.succeed(decided, instead)
@@ -613,7 +813,9 @@ export const make = <E2 = never, R2 = never>(
             "idempotency.key_hash": internalFingerprint.keyHash(storageKey),
             ...(failure._tag === "IdempotencyStorageError"
               ? { "idempotency.operation": failure.operation }
-              : { "idempotency.not_stored": failure.reason })
+              : { "idempotency.not_stored": failure.reason }),
+            // What went wrong, in the backend's words: the operation alone does not say.
+            cause: causeOf(failure)
           })
         )
       } else if (failure._tag === "IdempotencyRecordUndecodable") {
@@ -628,26 +830,30 @@ export const make = <E2 = never, R2 = never>(
       return Exit.succeed(instead!)
     })
 
+  /**
+   * Checks the key and reads the body (unless a `key` function read it already: `read`), then
+   * runs the protocol on a daemon fiber, so it goes on when the client leaves.
+   */
   const handle = <E, R>(
     app: HttpApp.Default<E, R>,
     request: HttpServerRequest.HttpServerRequest,
-    header: string,
+    key: Either.Either<string, IdempotencyKeyInvalid>,
+    read: Uint8Array | undefined,
     context: Context.Context<never>
   ): Effect.Effect<HttpServerResponse.HttpServerResponse, E | E2, R | R2 | Storage.Storage> =>
     Effect.gen(function*() {
-      const key = httpKey.parse(header, maxKeyLength)
-      if (Either.isLeft(key)) return yield* refuse("invalid_key", problemOf(key.left, headerLabel), request)
-      let body: Uint8Array | undefined = undefined
-      if (httpRequest.isBuffered(request)) {
+      if (Either.isLeft(key)) return yield* refuse("invalid_key", problemFor(key.left), request)
+      let body = read
+      if (body === undefined && httpRequest.isBuffered(request)) {
         if (httpRequest.declaredTooLarge(request, maxBodyBytes)) {
           return yield* refuse("body_too_large", tooLarge, request)
         }
-        const read = yield* Effect.either(httpRequest.readBody(request, maxBodyBytes))
-        if (Either.isLeft(read)) {
-          if (read.left._tag === "BodyTooLarge") return yield* refuse("body_too_large", tooLarge, request)
+        const bytes = yield* Effect.either(httpRequest.readBody(request, maxBodyBytes))
+        if (Either.isLeft(bytes)) {
+          if (bytes.left._tag === "BodyTooLarge") return yield* refuse("body_too_large", tooLarge, request)
           return yield* refuse("body_unreadable", bodyUnreadable, request)
         }
-        body = read.right
+        body = bytes.right
       }
       const buffered = body === undefined ? request : httpRequest.withBody(request, body)
       const principal = yield* principalOf(buffered)
@@ -661,7 +867,7 @@ export const make = <E2 = never, R2 = never>(
       )
       const fingerprint = yield* fingerprintOf(buffered, body)
       if (Either.isLeft(fingerprint)) {
-        return yield* refuse("invalid_fingerprint", problemOf(fingerprint.left, headerLabel), request)
+        return yield* refuse("invalid_fingerprint", problemFor(fingerprint.left), request)
       }
 
       const run = yield* Effect.forkDaemon(
@@ -678,6 +884,52 @@ export const make = <E2 = never, R2 = never>(
       })
     )
 
+  const keyMissing = (request: HttpServerRequest.HttpServerRequest) =>
+    respond(problemFor(new IdempotencyKeyMissing({ key: "" })), request)
+
+  /**
+   * The key from the `key` function. The function sees the body through a request that reads it
+   * once, within `maxBodyBytes`; a body it read that was too large or cut off is refused (the
+   * handler could not read it again), whatever the function made of it. Its own failures are the
+   * request's, as for `scope`.
+   */
+  const handleKeyFunction = <E, R>(
+    app: HttpApp.Default<E, R>,
+    request: HttpServerRequest.HttpServerRequest,
+    keyOf: NonNullable<IdempotencyMiddlewareFunctions<E2, R2>["key"]>,
+    context: Context.Context<never>
+  ): Effect.Effect<
+    HttpServerResponse.HttpServerResponse,
+    E | E2,
+    R | R2 | Storage.Storage | HttpServerRequest.HttpServerRequest
+  > =>
+    Effect.gen(function*() {
+      const lazy = httpRequest.isBuffered(request)
+        ? yield* httpRequest.withLazyBody(request, maxBodyBytes)
+        : undefined
+      const found = yield* Effect.exit(keyOf(lazy?.request ?? request))
+      const read = lazy === undefined ? Option.none() : yield* lazy.result
+      let body: Uint8Array | undefined = undefined
+      if (Option.isSome(read)) {
+        if (Either.isLeft(read.value)) {
+          return respond(read.value.left._tag === "BodyTooLarge" ? tooLarge : bodyUnreadable, request)
+        }
+        body = read.value.right
+      }
+      if (Exit.isFailure(found)) return yield* Effect.failCause(found.cause)
+      if (!Option.isOption(found.value)) {
+        return yield* Effect.dieMessage("the idempotency middleware's `key` function must return an Option")
+      }
+      if (Option.isNone(found.value)) {
+        if (required) return keyMissing(request)
+        // The body it read is gone from the request: the handler reads the copy.
+        return yield* body === undefined
+          ? app
+          : Effect.provideService(app, HttpServerRequest.HttpServerRequest, httpRequest.withBody(request, body))
+      }
+      return yield* handle(app, request, internalKey.validate(found.value.value, maxKeyLength), body, context)
+    })
+
   return <E, R>(app: HttpApp.Default<E, R>): HttpApp.Default<E | E2, R | R2 | Storage.Storage> =>
     Effect.withFiberRuntime<
       HttpServerResponse.HttpServerResponse,
@@ -687,11 +939,25 @@ export const make = <E2 = never, R2 = never>(
       const context = fiber.currentContext
       const request = Context.unsafeGet(context, HttpServerRequest.HttpServerRequest)
       if (!methods.has(request.method)) return app
+      if (keyOf !== undefined) return handleKeyFunction(app, request, keyOf, context)
       const header = request.headers[headerName]
-      if (header !== undefined) return handle(app, request, header, context)
+      if (header !== undefined) return handle(app, request, httpKey.parse(header, maxKeyLength), undefined, context)
       if (!required) return app
-      return Effect.succeed(respond(problemOf(new IdempotencyKeyMissing({ key: "" }), headerLabel), request))
+      return Effect.succeed(keyMissing(request))
     })
+}
+
+// An error's message, with its cause when the message does not carry it (a cause that is not an `Error`).
+const causeOf = (error: { readonly message: string; readonly cause?: unknown }): string => {
+  const cause = error.cause
+  if (cause === undefined || cause instanceof Error) return error.message
+  let text: string
+  try {
+    text = typeof cause === "string" ? cause : JSON.stringify(cause) ?? String(cause)
+  } catch {
+    text = String(cause)
+  }
+  return `${error.message} (${text})`
 }
 
 // The storage key is `namespace + separator + key`, as the protocol builds it: used here only for

@@ -5,6 +5,7 @@ import * as UrlParams from "@effect/platform/UrlParams"
 import * as Chunk from "effect/Chunk"
 import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
+import * as Either from "effect/Either"
 import * as Option from "effect/Option"
 import * as Scope from "effect/Scope"
 import * as Stream from "effect/Stream"
@@ -139,6 +140,80 @@ export const withBody = (
   })
   return proxy
 }
+
+/**
+ * The request handed to a `key` function, whose body is read (within `limit`) only if the
+ * function asks for it, and then served from memory to every later reader; and what came of that
+ * read: `None` when the function never asked for the body.
+ *
+ * @internal
+ */
+export interface LazyBody {
+  readonly request: HttpServerRequest.HttpServerRequest
+  readonly result: Effect.Effect<Option.Option<Either.Either<Uint8Array, BodyTooLarge | HttpServerError.RequestError>>>
+}
+
+/**
+ * The request with a body read on first use. A key function may read the body, and the handler
+ * must read it again after: on Node only `text` is cached, so the middleware reads the bytes once
+ * and serves every accessor from them ({@link withBody}). A body over `limit` fails the accessor
+ * with a `RequestError` whose cause is `BodyTooLarge`; `result` tells the middleware, which answers
+ * 413 whatever the function made of it.
+ *
+ * @internal
+ */
+export const withLazyBody = (
+  request: HttpServerRequest.HttpServerRequest,
+  limit: number
+): Effect.Effect<LazyBody> =>
+  Effect.map(
+    Effect.cached(declaredTooLarge(request, limit) ? Effect.fail(new BodyTooLarge(limit)) : readBody(request, limit)),
+    (read) => {
+      let asked = false
+      const body = Effect.suspend(() => {
+        asked = true
+        return read
+      })
+      const lazy = (target: HttpServerRequest.HttpServerRequest): HttpServerRequest.HttpServerRequest => {
+        const buffered = <A>(
+          use: (request: HttpServerRequest.HttpServerRequest) => Effect.Effect<A, HttpServerError.RequestError>
+        ): Effect.Effect<A, HttpServerError.RequestError> =>
+          body.pipe(
+            Effect.mapError((error) =>
+              error._tag === "BodyTooLarge"
+                ? new HttpServerError.RequestError({
+                  request: proxy,
+                  reason: "Decode",
+                  cause: error,
+                  description: `the request body is larger than ${error.limit} bytes`
+                })
+                : error
+            ),
+            Effect.flatMap((bytes) => use(withBody(target, bytes)))
+          )
+        const overrides = new Map<PropertyKey, () => unknown>(Object.entries({
+          text: () => buffered((request) => request.text),
+          json: () => buffered((request) => request.json),
+          urlParamsBody: () => buffered((request) => request.urlParamsBody),
+          arrayBuffer: () => buffered((request) => request.arrayBuffer),
+          stream: () => Stream.unwrap(buffered((request) => Effect.succeed(request.stream))),
+          modify: () => (options: Parameters<HttpServerRequest.HttpServerRequest["modify"]>[0]) =>
+            lazy(target.modify(options))
+        }))
+        const proxy: HttpServerRequest.HttpServerRequest = new Proxy(target, {
+          get: (target, property) => {
+            const override = overrides.get(property)
+            return override === undefined ? Reflect.get(target, property, target) : override()
+          }
+        })
+        return proxy
+      }
+      return {
+        request: lazy(request),
+        result: Effect.suspend(() => asked ? Effect.asSome(Effect.either(read)) : Effect.succeedNone)
+      }
+    }
+  )
 
 // The URL as the client sent it: a router that strips a mount's prefix changes `url` only.
 const pathOf = (request: HttpServerRequest.HttpServerRequest) => {
