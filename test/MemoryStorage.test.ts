@@ -1,6 +1,7 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Duration, Effect, Fiber, Option, TestClock } from "effect"
+import { Config, ConfigError, ConfigProvider, Context, Duration, Effect, Fiber, Layer, Option, TestClock } from "effect"
 import { MemoryStorage, Storage } from "../src/index.js"
+import { failureOf } from "./fixtures/Exits.js"
 
 const longLease = Duration.seconds(30)
 const ttl = Duration.hours(1)
@@ -99,4 +100,38 @@ describe("MemoryStorage", () => {
       assert.strictEqual((yield* acquire(a, "k"))._tag, "Acquired")
       assert.strictEqual((yield* acquire(b, "k"))._tag, "Acquired")
     }))
+
+  describe("layerConfig", () => {
+    const configured = (entries: ReadonlyArray<readonly [string, string]>) =>
+      Effect.exit(
+        Effect.map(
+          Layer.build(MemoryStorage.layerConfig({
+            maxEntries: Config.integer("IDEMPOTENCY_MAX_ENTRIES"),
+            sweepInterval: Config.duration("IDEMPOTENCY_SWEEP_INTERVAL").pipe(Config.withDefault("1 minute"))
+          })),
+          Context.get(Storage.Storage)
+        ).pipe(Effect.withConfigProvider(ConfigProvider.fromMap(new Map(entries))))
+      )
+
+    it.scoped("reads its options from Config: maxEntries from the provider bounds the store", () =>
+      Effect.gen(function*() {
+        const exit = yield* configured([["IDEMPOTENCY_MAX_ENTRIES", "2"], ["IDEMPOTENCY_SWEEP_INTERVAL", "1 minute"]])
+        if (exit._tag !== "Success") return assert.fail("expected the layer to build")
+        const storage = exit.value
+        yield* complete(storage, "a")
+        yield* complete(storage, "b")
+        yield* complete(storage, "c")
+        assert.deepStrictEqual(
+          yield* Effect.all([isKept(storage, "a"), isKept(storage, "b"), isKept(storage, "c")]),
+          [false, true, true]
+        )
+      }))
+
+    it.scoped("a value that is missing or cannot be read fails the build with its ConfigError", () =>
+      Effect.gen(function*() {
+        for (const entries of [[], [["IDEMPOTENCY_MAX_ENTRIES", "many"]]] as const) {
+          assert.isTrue(ConfigError.isConfigError(failureOf(yield* configured(entries))), JSON.stringify(entries))
+        }
+      }))
+  })
 })

@@ -5,6 +5,8 @@
  * @since 0.1.0
  */
 import * as Clock from "effect/Clock"
+import * as Config from "effect/Config"
+import type { ConfigError } from "effect/ConfigError"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
 import * as Effect from "effect/Effect"
@@ -245,3 +247,26 @@ export const make = (
  */
 export const layer = (options?: MemoryStorageOptions): Layer.Layer<Storage.Storage> =>
   Layer.scoped(Storage.Storage, make(options))
+
+/**
+ * A memory storage layer whose options are read from `Config`. A value that cannot be read fails
+ * the build with its `ConfigError`.
+ *
+ * @example
+ * ```ts
+ * import { Config } from "effect"
+ * import { MemoryStorage } from "effect-idempotency"
+ *
+ * const StorageLive = MemoryStorage.layerConfig({
+ *   maxEntries: Config.integer("IDEMPOTENCY_MAX_ENTRIES").pipe(Config.withDefault(100_000)),
+ *   sweepInterval: Config.duration("IDEMPOTENCY_SWEEP_INTERVAL").pipe(Config.withDefault("1 minute"))
+ * })
+ * ```
+ *
+ * @since 0.1.0
+ * @category Layers
+ */
+export const layerConfig = (
+  config: Config.Config.Wrap<MemoryStorageOptions>
+): Layer.Layer<Storage.Storage, ConfigError> =>
+  Layer.scoped(Storage.Storage, Effect.flatMap(Config.unwrap(config), make))

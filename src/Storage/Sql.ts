@@ -5,9 +5,9 @@
  * stored result in the same transaction as the application's own writes
  * (`Idempotent.wrap({ transactional: true })`).
  *
- * **One table**, created with its index if missing (default `idempotency_records`), and on
- * PostgreSQL two functions that hold acquire and commit (see Statements) and a table of lease
- * renewals, `<table>_leases` (see Isolation). A row per key:
+ * **One table** with its index (default `idempotency_records`), and on PostgreSQL two functions
+ * that hold acquire and commit (see Statements) and a table of lease renewals, `<table>_leases`
+ * (see Isolation). A row per key:
  *
  * | column            | PostgreSQL    | MySQL / MariaDB                   | SQLite    |
  * |-------------------|---------------|-----------------------------------|-----------|
@@ -27,6 +27,17 @@
  * `state` is `in_flight` (a lease owned by `token` until `expires_at`) or `completed` (a record
  * replayed until `expires_at`). MySQL and SQLite have no timestamp type with a time zone, so they
  * keep epoch milliseconds, which also never overflow (MySQL's `TIMESTAMP` ends in 2038).
+ *
+ * **The schema.** {@link schema} returns the DDL per dialect (`npx effect-idempotency sql-schema
+ * --dialect pg|mysql|sqlite [--table t] [--drop]` prints it) and {@link migrations} the same for
+ * `@effect/sql`'s `Migrator`. The objects carry the schema version they are of
+ * ({@link schemaVersion}): a comment on PostgreSQL's tables and functions and on MySQL's table, and
+ * on SQLite a comment kept in the table's `CREATE` statement beside a check of its columns and
+ * index. At build the layer reads the catalogs; with `createSchema: true` (the default) it runs
+ * the DDL only if something is missing or older (every statement can run again, and brings older
+ * objects up to date), and with `createSchema: false` it runs none and fails the build with
+ * `IdempotencyStorageSetupError` naming what is missing or older and how to get it. The
+ * statements of `drop` remove everything, functions included.
  *
  * **Time is the database's clock** (`clock_timestamp()` on PostgreSQL, `UTC_TIMESTAMP(6)` on MySQL,
  * `julianday('now')` on SQLite), so application servers with skewed clocks agree on every lease
@@ -85,7 +96,8 @@
  * `cleanupBatchSize`, one statement each: on PostgreSQL rows locked with `FOR UPDATE SKIP LOCKED`,
  * so that replicas never wait on each other; on MySQL `DELETE ... ORDER BY expires_at LIMIT n`;
  * on SQLite a `rowid` subquery. Expired rows are never replayed whether or not they were deleted:
- * every statement checks the expiry.
+ * every statement checks the expiry. Removing the storage altogether is `schema(...).drop`: the
+ * table alone would leave PostgreSQL's functions and leases table behind.
  *
  * **Waiting.** On PostgreSQL with a `PgClient` in the context (as `PgClient.layer` provides),
  * waiters are woken by `LISTEN/NOTIFY`: the layer keeps one listening connection on the channel
@@ -113,6 +125,8 @@ import type { SqlError } from "@effect/sql/SqlError"
 import type * as Statement from "@effect/sql/Statement"
 import * as Cause from "effect/Cause"
 import * as Clock from "effect/Clock"
+import * as Config from "effect/Config"
+import type { ConfigError } from "effect/ConfigError"
 import * as Context from "effect/Context"
 import * as Deferred from "effect/Deferred"
 import * as Duration from "effect/Duration"
@@ -128,6 +142,8 @@ import * as Stream from "effect/Stream"
 import { createHash } from "node:crypto"
 import { IdempotencyStorageError, IdempotencyStorageSetupError, type StorageOperation } from "../IdempotencyError.js"
 import type { IdempotencyRecord } from "../IdempotencyRecord.js"
+import * as SqlInspect from "../internal/sql/inspect.js"
+import * as SqlSchema from "../internal/sql/schema.js"
 import * as wait from "../internal/wait.js"
 import * as Storage from "../Storage.js"
 
@@ -137,12 +153,21 @@ import * as Storage from "../Storage.js"
  */
 export interface SqlStorageOptions {
   /**
-   * The table, created if missing. Default `"idempotency_records"`. Letters, digits and
-   * underscores, not starting with a digit, at most 48 characters (so that the index and channel
-   * names derived from it fit PostgreSQL's 63); it is quoted in every statement and lives in the
-   * connection's default schema or database.
+   * The table, created if missing (unless `createSchema` is false). Default
+   * `"idempotency_records"`. Letters, digits and underscores, not starting with a digit, at most 48
+   * characters (so that the index and channel names derived from it fit PostgreSQL's 63); it is
+   * quoted in every statement and lives in the connection's default schema or database.
    */
   readonly table?: string | undefined
+  /**
+   * Whether the layer may run DDL. Default `true`: at build it reads the catalogs, and if the
+   * table (and on PostgreSQL the leases table and functions) is missing or of an older schema
+   * version, runs the statements of {@link schema}, which create what is missing and bring older
+   * objects up to date. With `false` it never runs DDL: objects that are missing or older fail
+   * the build with `IdempotencyStorageSetupError`, whose `detail` names them and how to get them
+   * ({@link schema}, the `effect-idempotency sql-schema` command, {@link migrations}).
+   */
+  readonly createSchema?: boolean | undefined
   /** How often expired rows are deleted. Default 1 minute. */
   readonly cleanupInterval?: Duration.DurationInput | undefined
   /** The most rows one cleanup statement deletes; batches follow until one is short. Default 1,000. */
@@ -161,8 +186,6 @@ export interface SqlStorageOptions {
    */
   readonly timeout?: Duration.DurationInput | undefined
 }
-
-const tablePattern = /^[A-Za-z_][A-Za-z0-9_]{0,47}$/
 
 const maxPollMillis = 1000
 
@@ -210,7 +233,6 @@ interface AcquireArgs {
 /** The statements of one dialect. */
 interface Dialect {
   readonly name: "pg" | "mysql" | "sqlite"
-  readonly setup: Effect.Effect<void, SqlError>
   /** Takes the key or answers who has it: the row afterwards, if there is one. */
   readonly acquire: (args: AcquireArgs) => Effect.Effect<Row | undefined, SqlError>
   readonly renew: (hash: Buffer, token: string, leaseMillis: number) => Effect.Effect<boolean, SqlError>
@@ -236,168 +258,18 @@ interface Dialect {
   readonly notify?: (payload: string) => Effect.Effect<void, SqlError>
 }
 
-/** Where waiters on PostgreSQL hear about changed keys: `<table>_changed`. */
-const channelOf = (table: string) => `${table}_changed`
-
-/** PostgreSQL: the table that holds lease renewals, `<table>_leases` (see Isolation). */
-const leasesOf = (table: string) => `${table}_leases`
-
-/**
- * The PostgreSQL functions that hold acquire and commit: `<table>_acquire_v1` and
- * `<table>_commit_v1`. A new signature gets a new version, since `CREATE OR REPLACE FUNCTION`
- * cannot change one; a new body under the same signature replaces the old one, so that instances
- * of an older version of this library call the new one.
- */
-const postgresFunctions = (table: string) => ({
-  acquire: `${table}_acquire_v1`,
-  commit: `${table}_commit_v1`
-})
-
-// The live row's columns as the storage reads them, times in epoch millis (`now` is the
-// database's clock when the statement ran). The lease's end is the later of the row's and of its
-// holder's last renewal.
-const postgresColumns = (leases: string, alias: string) =>
-  `${alias}.token, ${alias}.state, ${alias}.idempotency_key, ${alias}.fingerprint, ${alias}.fence,
-    ${alias}.outcome, ${alias}.payload,
-    floor(extract(epoch FROM ${alias}.created_at) * 1000)::float8 AS created_at,
-    floor(extract(epoch FROM ${postgresExpiry(leases, alias)}) * 1000)::float8 AS expires_at,
-    floor(extract(epoch FROM clock_timestamp()) * 1000)::float8 AS now`
-
-// When a row ends: a record at its `expires_at`, a lease at the later of the row's `expires_at` and
-// its holder's last renewal (kept in the leases table, never in the row: see Isolation).
-const postgresExpiry = (leases: string, alias: string) =>
-  `CASE WHEN ${alias}.state = 'in_flight' THEN greatest(${alias}.expires_at, (
-    SELECT l.expires_at FROM "${leases}" AS l WHERE l.key_hash = ${alias}.key_hash AND l.token = ${alias}.token
-  )) ELSE ${alias}.expires_at END`
-
-/**
- * Acquire and commit are long statements that PostgreSQL would parse and plan on every call (the
- * client sends unnamed statements): about ten times the cost of a `SELECT 1`, more than the
- * work itself. As PL/pgSQL functions their plans are kept per connection, and each protocol step
- * is still one call. `table` is a checked identifier, so it is quoted here as is.
- */
-const postgresFunctionsDdl = (table: string): ReadonlyArray<string> => {
-  const t = `"${table}"`
-  const leases = leasesOf(table)
-  const names = postgresFunctions(table)
-  const columns = postgresColumns(leases, "r")
-  const expiry = postgresExpiry(leases, "r")
-  return [
-    // A key that is live (a lease or a record that has not ended) is answered from a plain read:
-    // a replay writes nothing and takes no lock. Otherwise the row, if there is one, is locked
-    // first, which waits out a renewal or a commit of it in progress; the statements after the
-    // lock see them (READ COMMITTED: a snapshot per statement) and take the key only if it is
-    // still free. A new key is inserted; a concurrent caller that inserted it first is read once
-    // it committed.
-    `CREATE OR REPLACE FUNCTION "${names.acquire}"(
-      p_hash bytea, p_key text, p_token text, p_fingerprint text, p_lease_millis float8
-    ) RETURNS TABLE (
-      token text, state text, idempotency_key text, fingerprint text, fence bigint, outcome text,
-      payload bytea, created_at float8, expires_at float8, now float8
-    ) LANGUAGE plpgsql VOLATILE AS $body$
-    #variable_conflict use_column
-    DECLARE
-      at timestamptz;
-    BEGIN
-      RETURN QUERY SELECT ${columns} FROM ${t} AS r
-        WHERE r.key_hash = p_hash AND ${expiry} > clock_timestamp();
-      IF FOUND THEN RETURN; END IF;
-      PERFORM 1 FROM ${t} AS r WHERE r.key_hash = p_hash FOR UPDATE;
-      IF FOUND THEN
-        at := clock_timestamp();
-        RETURN QUERY WITH taken AS (
-          UPDATE ${t} AS r SET idempotency_key = p_key, state = 'in_flight', token = p_token,
-            fingerprint = p_fingerprint, fence = r.fence + 1, outcome = NULL, payload = NULL, created_at = at,
-            expires_at = at + p_lease_millis * interval '1 millisecond'
-          WHERE r.key_hash = p_hash AND ${expiry} <= at
-          RETURNING r.*
-        )
-        SELECT ${postgresColumns(leases, "taken")} FROM taken;
-        IF FOUND THEN RETURN; END IF;
-      ELSE
-        at := clock_timestamp();
-        RETURN QUERY WITH taken AS (
-          INSERT INTO ${t} AS r
-            (key_hash, idempotency_key, state, token, fingerprint, fence, outcome, payload, created_at, expires_at)
-          VALUES (p_hash, p_key, 'in_flight', p_token, p_fingerprint,
-            floor(extract(epoch FROM at) * 1000000)::bigint, NULL, NULL,
-            at, at + p_lease_millis * interval '1 millisecond')
-          ON CONFLICT (key_hash) DO NOTHING
-          RETURNING r.*
-        )
-        SELECT ${postgresColumns(leases, "taken")} FROM taken;
-        IF FOUND THEN RETURN; END IF;
-      END IF;
-      -- Renewed, committed or inserted by someone else meanwhile: the row as it is now.
-      RETURN QUERY SELECT ${columns} FROM ${t} AS r WHERE r.key_hash = p_hash;
-    END
-    $body$`,
-    // Ownership by token, checked by the update itself on the row's latest version under its row
-    // lock, not by the expiry: inside the caller's transaction that is all it can see (its
-    // snapshot may predate the renewals), and a lease that ran out but that no one took is still
-    // the caller's (taking it would change the token). The token stays on the completed row, so a
-    // commit retried after its reply was lost finds it and answers true again.
-    `CREATE OR REPLACE FUNCTION "${names.commit}"(
-      p_hash bytea, p_token text, p_outcome text, p_payload bytea, p_ttl_millis float8
-    ) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $body$
-    DECLARE
-      at timestamptz := clock_timestamp();
-      committed boolean;
-    BEGIN
-      UPDATE ${t} SET state = 'completed', outcome = p_outcome, payload = p_payload, created_at = at,
-        expires_at = at + p_ttl_millis * interval '1 millisecond'
-      WHERE key_hash = p_hash AND token = p_token AND state = 'in_flight';
-      IF FOUND THEN
-        PERFORM pg_notify('${channelOf(table)}', encode(p_hash, 'hex'));
-        RETURN true;
-      END IF;
-      -- A retry of a commit that landed: answered as done, and the stored record left as it is.
-      SELECT EXISTS (
-        SELECT 1 FROM ${t} WHERE key_hash = p_hash AND token = p_token AND state = 'completed' AND expires_at > at
-      ) INTO committed;
-      RETURN committed;
-    END
-    $body$`
-  ]
-}
-
 const postgres = (sql: SqlClient.SqlClient, table: string): Dialect => {
   const t = sql(table)
-  const leases = leasesOf(table)
+  const leases = SqlSchema.leasesOf(table)
   const l = sql(leases)
-  const channel = channelOf(table)
-  const functions = postgresFunctions(table)
+  const channel = SqlSchema.channelOf(table)
+  const functions = SqlSchema.postgresFunctions(table)
   // `clock_timestamp()`, not `now()`: inside a caller's transaction `now()` is when it began.
-  const columns = sql.literal(postgresColumns(leases, "r"))
-  const expiry = sql.literal(postgresExpiry(leases, "r"))
+  const columns = sql.literal(SqlSchema.postgresColumns(leases, "r"))
+  const expiry = sql.literal(SqlSchema.postgresExpiry(leases, "r"))
 
   return {
     name: "pg",
-    // Concurrent `CREATE TABLE IF NOT EXISTS` can fail on PostgreSQL (a duplicate row in
-    // pg_type): builds that start together take turns on an advisory lock.
-    setup: sql.withTransaction(Effect.all([
-      sql`SELECT pg_advisory_xact_lock(hashtext(${`effect-idempotency ${table}`}::text))`,
-      sql`CREATE TABLE IF NOT EXISTS ${t} (
-        key_hash bytea PRIMARY KEY,
-        idempotency_key text NOT NULL,
-        state text NOT NULL,
-        token text,
-        fingerprint text NOT NULL,
-        fence bigint NOT NULL,
-        outcome text,
-        payload bytea,
-        created_at timestamptz NOT NULL,
-        expires_at timestamptz NOT NULL
-      ) WITH (fillfactor = 90)`,
-      sql`CREATE INDEX IF NOT EXISTS ${sql(`${table}_expires_at_idx`)} ON ${t} (expires_at)`,
-      sql`CREATE TABLE IF NOT EXISTS ${l} (
-        key_hash bytea PRIMARY KEY,
-        token text NOT NULL,
-        expires_at timestamptz NOT NULL
-      )`,
-      ...postgresFunctionsDdl(table).map((ddl) => sql.unsafe(ddl))
-    ], { discard: true })),
-
     acquire: ({ fingerprint, hash, key, leaseMillis, token }) =>
       Effect.map(
         sql<Row>`
@@ -535,22 +407,6 @@ const mysql = (sql: SqlClient.SqlClient, table: string): Dialect => {
 
   return {
     name: "mysql",
-    setup: Effect.asVoid(sql`
-      CREATE TABLE IF NOT EXISTS ${t} (
-        key_hash BINARY(32) NOT NULL PRIMARY KEY,
-        idempotency_key TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
-        state VARCHAR(16) NOT NULL,
-        token VARCHAR(64) NULL,
-        fingerprint VARCHAR(255) NOT NULL,
-        fence BIGINT NOT NULL,
-        outcome VARCHAR(16) NULL,
-        payload LONGBLOB NULL,
-        created_at BIGINT NOT NULL,
-        expires_at BIGINT NOT NULL,
-        INDEX ${sql(`${table}_expires_at_idx`)} (expires_at)
-      ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin
-    `),
-
     // MySQL evaluates `ON DUPLICATE KEY UPDATE` assignments left to right, each seeing the ones
     // before (MariaDB's SIMULTANEOUS_ASSIGNMENT mode does not): every condition reads only
     // `expires_at`, assigned last, so both orders decide alike. `VALUES(created_at)` is the
@@ -645,24 +501,6 @@ const sqlite = (sql: SqlClient.SqlClient, table: string): Dialect => {
 
   return {
     name: "sqlite",
-    setup: Effect.zipRight(
-      sql`
-        CREATE TABLE IF NOT EXISTS ${t} (
-          key_hash BLOB NOT NULL PRIMARY KEY,
-          idempotency_key TEXT NOT NULL,
-          state TEXT NOT NULL,
-          token TEXT,
-          fingerprint TEXT NOT NULL,
-          fence INTEGER NOT NULL,
-          outcome TEXT,
-          payload BLOB,
-          created_at INTEGER NOT NULL,
-          expires_at INTEGER NOT NULL
-        )
-      `,
-      Effect.asVoid(sql`CREATE INDEX IF NOT EXISTS ${sql(`${table}_expires_at_idx`)} ON ${t} (expires_at)`)
-    ),
-
     // In an upsert's SET every expression reads the row as it was, so the order does not matter;
     // one writer at a time makes the statement atomic across connections and processes.
     acquire: ({ fingerprint, hash, key, leaseMillis, token }) =>
@@ -857,11 +695,12 @@ interface Watched {
 }
 
 /**
- * Builds a SQL storage on the context's `SqlClient`: creates the table if missing, and runs the
- * cleanup (and on PostgreSQL the listener) for as long as the scope. Fails with
- * `IdempotencyStorageSetupError` on a client whose dialect is not PostgreSQL, MySQL or SQLite, an
- * invalid option, a table that cannot be created, or a `PgClient` in context whose `LISTEN` cannot
- * be confirmed within `timeout`.
+ * Builds a SQL storage on the context's `SqlClient`: checks the schema (creating or upgrading it
+ * unless `createSchema` is false), and runs the cleanup (and on PostgreSQL the listener) for as
+ * long as the scope. Fails with `IdempotencyStorageSetupError` on a client whose dialect is not
+ * PostgreSQL, MySQL or SQLite, an invalid option, a schema that is missing or older with
+ * `createSchema: false` or that cannot be created, or a `PgClient` in context whose `LISTEN`
+ * cannot be confirmed within `timeout`.
  *
  * @since 0.1.0
  * @category Constructors
@@ -870,7 +709,8 @@ export const make = (
   options?: SqlStorageOptions
 ): Effect.Effect<Storage.StorageService, IdempotencyStorageSetupError, SqlClient.SqlClient | Scope.Scope> =>
   Effect.gen(function*() {
-    const table = options?.table ?? "idempotency_records"
+    const table = options?.table ?? SqlSchema.defaultTable
+    const createSchema = options?.createSchema ?? true
     const cleanupInterval = Duration.decode(options?.cleanupInterval ?? Duration.minutes(1))
     const cleanupBatchSize = options?.cleanupBatchSize ?? 1000
     const pollMillis = Math.max(1, Duration.toMillis(Duration.decode(options?.pollInterval ?? Duration.millis(25))))
@@ -880,13 +720,8 @@ export const make = (
 
     const configure = (detail: string) => new IdempotencyStorageSetupError({ backend: "sql", detail })
 
-    if (!tablePattern.test(table)) {
-      return yield* configure(
-        `the table name ${
-          JSON.stringify(table)
-        } is not an identifier of letters, digits and underscores (at most 48, not starting with a digit)`
-      )
-    }
+    const invalidTable = SqlSchema.invalidTable(table)
+    if (invalidTable !== undefined) return yield* configure(invalidTable)
     if (!Number.isSafeInteger(cleanupBatchSize) || cleanupBatchSize < 1) {
       return yield* configure(`cleanupBatchSize must be a positive integer, not ${cleanupBatchSize}`)
     }
@@ -959,7 +794,29 @@ export const make = (
         statement
       )
 
-    yield* setupCall("creating the table", outside(dialect.setup))
+    // The catalogs are read first: a schema that is there and current costs no DDL, no lock, and
+    // no privilege beyond seeing it.
+    const inspect = setupCall("reading the schema", outside(SqlInspect.inspect(sql, dialect.name, table)))
+    const problems = yield* inspect
+    if (problems.length > 0) {
+      if (!createSchema) return yield* configure(SqlInspect.notReady(dialect.name, table, problems))
+      const statements = SqlSchema.createStatements(dialect.name, table).map((ddl) => sql.unsafe(ddl))
+      // Concurrent `CREATE TABLE IF NOT EXISTS` can fail on PostgreSQL (a duplicate row in
+      // pg_type): builds that start together take turns on an advisory lock.
+      yield* setupCall(
+        "creating the schema (a role that may not run DDL takes createSchema: false)",
+        outside(
+          dialect.name === "pg"
+            ? sql.withTransaction(Effect.all([
+              sql`SELECT pg_advisory_xact_lock(hashtext(${`effect-idempotency ${table}`}::text))`,
+              ...statements
+            ], { discard: true }))
+            : Effect.all(statements, { discard: true })
+        )
+      )
+      const left = yield* inspect
+      if (left.length > 0) return yield* configure(SqlInspect.notUpgraded(dialect.name, table, left))
+    }
     if (dialect.name === "pg") {
       const [level] = yield* setupCall(
         "reading transaction_isolation",
@@ -994,7 +851,7 @@ export const make = (
       : yield* Effect.flatMap(Effect.serviceOption(PgListener), (pg) =>
         Option.isNone(pg)
           ? Effect.succeed(undefined)
-          : listen(pg.value, channelOf(table), dialect.notify!, wake, wakeAll, timeout))
+          : listen(pg.value, SqlSchema.channelOf(table), dialect.notify!, wake, wakeAll, timeout))
     const notifies = () => listener?.ready === true
 
     const sweep = Effect.gen(function*() {
@@ -1348,3 +1205,178 @@ export const layer = (
   options?: SqlStorageOptions
 ): Layer.Layer<Storage.Storage, IdempotencyStorageSetupError, SqlClient.SqlClient> =>
   Layer.scoped(Storage.Storage, make(options))
+
+/**
+ * A SQL storage layer whose options are read from `Config`, for example
+ * `SqlStorage.layerConfig({ table: Config.string("IDEMPOTENCY_TABLE"), createSchema: Config.boolean("IDEMPOTENCY_CREATE_SCHEMA") })`.
+ * A value that cannot be read fails the build with its `ConfigError`.
+ *
+ * @example
+ * ```ts
+ * import { SqliteClient } from "@effect/sql-sqlite-node"
+ * import { Config, Layer } from "effect"
+ * import * as SqlStorage from "effect-idempotency/Storage/Sql"
+ *
+ * const StorageLive = SqlStorage.layerConfig({
+ *   table: Config.string("IDEMPOTENCY_TABLE").pipe(Config.withDefault("idempotency_records")),
+ *   createSchema: Config.boolean("IDEMPOTENCY_CREATE_SCHEMA").pipe(Config.withDefault(true)),
+ *   cleanupInterval: Config.duration("IDEMPOTENCY_CLEANUP_INTERVAL").pipe(Config.withDefault("1 minute"))
+ * }).pipe(Layer.provide(SqliteClient.layer({ filename: "app.db" })))
+ * ```
+ *
+ * @since 0.1.0
+ * @category Layers
+ */
+export const layerConfig = (
+  config: Config.Config.Wrap<SqlStorageOptions>
+): Layer.Layer<Storage.Storage, ConfigError | IdempotencyStorageSetupError, SqlClient.SqlClient> =>
+  Layer.scoped(Storage.Storage, Effect.flatMap(Config.unwrap(config), make))
+
+/**
+ * The SQL dialects the storage speaks: PostgreSQL, MySQL / MariaDB, SQLite.
+ *
+ * @since 0.1.0
+ * @category Schema
+ */
+export type SqlDialect = "pg" | "mysql" | "sqlite"
+
+/**
+ * The version of the schema this release of the library needs. The layer reads the version marked
+ * on the objects (a comment on PostgreSQL's tables and functions and on MySQL's table; on SQLite
+ * the table's columns and a comment kept in its `CREATE` statement) and compares it with this one;
+ * a newer schema is accepted.
+ *
+ * @since 0.1.0
+ * @category Schema
+ */
+export const schemaVersion: number = SqlSchema.version
+
+/**
+ * The storage's DDL for one dialect and table, exactly as the layer runs it.
+ *
+ * @since 0.1.0
+ * @category Schema
+ */
+export interface SqlStorageSchema {
+  readonly dialect: SqlDialect
+  readonly table: string
+  /** The schema version the statements make (see {@link schemaVersion}). */
+  readonly version: number
+  /**
+   * The statements that create what is missing and bring objects of an older version up to
+   * date, in order. Each can run again: on a schema that is current they change nothing.
+   */
+  readonly create: ReadonlyArray<string>
+  /**
+   * The statements that drop everything the storage made for the table, rows included: the
+   * table with its index, and on PostgreSQL the leases table and both functions.
+   */
+  readonly drop: ReadonlyArray<string>
+  /** `create` as one script for psql, mariadb or sqlite3: each statement ends with `;`. */
+  readonly createScript: string
+  /** `drop` as one script for psql, mariadb or sqlite3. */
+  readonly dropScript: string
+}
+
+/**
+ * The DDL of the storage for a dialect and a table (default `"idempotency_records"`), for a team
+ * that keeps its schema in its own hands: the statements `SqlStorage.layer` runs when its objects
+ * are missing or older, and those that remove them all. The command
+ * `npx effect-idempotency sql-schema --dialect pg --table t` prints `createScript` (with `--drop`,
+ * `dropScript`).
+ *
+ * Throws `IdempotencyStorageSetupError` for a table name the storage would refuse or an unknown
+ * dialect.
+ *
+ * @example
+ * ```ts
+ * import * as SqlStorage from "effect-idempotency/Storage/Sql"
+ *
+ * const ddl = SqlStorage.schema({ dialect: "pg", table: "idempotency_records" })
+ * console.log(ddl.createScript)
+ * // ddl.create: the same statements, one string each, for a migration tool
+ * ```
+ *
+ * @since 0.1.0
+ * @category Schema
+ */
+export const schema = (options: {
+  readonly dialect: SqlDialect
+  readonly table?: string | undefined
+}): SqlStorageSchema => {
+  const table = options.table ?? SqlSchema.defaultTable
+  const dialect = options.dialect
+  const refuse = (detail: string) => new IdempotencyStorageSetupError({ backend: "sql", detail })
+  if (!SqlSchema.dialects.includes(dialect)) {
+    throw refuse(`the dialect ${JSON.stringify(dialect)} is not one of ${SqlSchema.dialects.join(", ")}`)
+  }
+  const invalid = SqlSchema.invalidTable(table)
+  if (invalid !== undefined) throw refuse(invalid)
+  const create = SqlSchema.createStatements(dialect, table)
+  const drop = SqlSchema.dropStatements(dialect, table)
+  return {
+    dialect,
+    table,
+    version: SqlSchema.version,
+    create,
+    drop,
+    createScript: SqlSchema.toScript(SqlSchema.createHeader(dialect, table), create),
+    dropScript: SqlSchema.toScript(SqlSchema.dropHeader(dialect, table), drop)
+  }
+}
+
+/**
+ * The storage's schema as migrations for `@effect/sql`'s `Migrator`, keyed as
+ * `Migrator.fromRecord` reads them (`"<id>_<name>"`): one per schema version, from id 1, each
+ * running on the client's dialect the statements that bring the previous version to it. Run them
+ * with a migrations table of their own (the Migrator's `table` option), so that their ids never
+ * interleave with the application's, and then build the layer with `createSchema: false`.
+ *
+ * @example
+ * ```ts
+ * import { Migrator } from "@effect/sql"
+ * import { PgClient, PgMigrator } from "@effect/sql-pg"
+ * import { Effect, Layer, Redacted } from "effect"
+ * import * as SqlStorage from "effect-idempotency/Storage/Sql"
+ *
+ * const PgLive = PgClient.layer({ url: Redacted.make("postgres://postgres@127.0.0.1:5432/app") })
+ *
+ * // Run at deploy time, by a role that may run DDL.
+ * const migrate = PgMigrator.run({
+ *   loader: Migrator.fromRecord(SqlStorage.migrations({ table: "idempotency_records" })),
+ *   table: "idempotency_records_migrations"
+ * })
+ *
+ * // The application's role needs no DDL privilege.
+ * const StorageLive = SqlStorage.layer({ table: "idempotency_records", createSchema: false }).pipe(
+ *   Layer.provide(PgLive)
+ * )
+ * ```
+ *
+ * @since 0.1.0
+ * @category Schema
+ */
+export const migrations = (options?: {
+  readonly table?: string | undefined
+}): Record<string, Effect.Effect<void, SqlError | IdempotencyStorageSetupError, SqlClient.SqlClient>> => {
+  const table = options?.table ?? SqlSchema.defaultTable
+  const invalid = SqlSchema.invalidTable(table)
+  const run = Effect.gen(function*() {
+    if (invalid !== undefined) return yield* new IdempotencyStorageSetupError({ backend: "sql", detail: invalid })
+    const sql = yield* SqlClient.SqlClient
+    const dialect: SqlDialect | undefined = sql.onDialectOrElse({
+      pg: () => "pg" as const,
+      mysql: () => "mysql" as const,
+      sqlite: () => "sqlite" as const,
+      orElse: () => undefined
+    })
+    if (dialect === undefined) {
+      return yield* new IdempotencyStorageSetupError({
+        backend: "sql",
+        detail: "the SQL client's dialect is not supported: use PostgreSQL, MySQL / MariaDB or SQLite"
+      })
+    }
+    for (const statement of SqlSchema.createStatements(dialect, table)) yield* sql.unsafe(statement)
+  })
+  return { [`${SqlSchema.version}_${table}_schema_v${SqlSchema.version}`]: run }
+}
