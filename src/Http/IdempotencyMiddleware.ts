@@ -349,8 +349,8 @@ const undecodableRetryAfterSeconds = 5
 
 /** What the problems' wording depends on. */
 interface ProblemContext {
-  /** How the key is named to the client: "the Idempotency-Key header", or "the idempotency key". */
-  readonly keyLabel: string
+  /** The key's header as the user named it; `undefined` when a `key` function finds the key. */
+  readonly header: string | undefined
   readonly inFlightRetryAfterSeconds: number
   /** How long a duplicate waits for the first response; `undefined` when it fails at once. */
   readonly wait: Duration.Duration | undefined
@@ -363,14 +363,17 @@ const problemOf = (error: WrapError | IdempotencyKeyMissing, context: ProblemCon
         type: ProblemType.KeyMissing,
         title: "Idempotency key missing",
         status: 400,
-        detail: `This request requires ${context.keyLabel}.`
+        detail: context.header === undefined
+          ? "This request requires an idempotency key."
+          : `This request requires an ${context.header} header.`
       }
     case "IdempotencyKeyInvalid":
       return {
         type: ProblemType.KeyInvalid,
         title: "Invalid idempotency key",
         status: 400,
-        detail: `${capitalize(context.keyLabel)} is invalid: ${error.detail}.`,
+        detail: `${context.header === undefined ? "The idempotency key" : `The ${context.header} header`} is ` +
+          `invalid: ${error.detail}.`,
         reason: error.reason
       }
     case "IdempotencyKeyReused":
@@ -441,8 +444,6 @@ const problemOf = (error: WrapError | IdempotencyKeyMissing, context: ProblemCon
       }
   }
 }
-
-const capitalize = (text: string) => text.charAt(0).toUpperCase() + text.slice(1)
 
 const bodyUnreadable: Problem = {
   type: ProblemType.BodyUnreadable,
@@ -610,16 +611,11 @@ const build = <E2, R2>(
   const render = options.problem
   const codec = storedResponse.codec<NotStorable>()
   const problemContext: ProblemContext = {
-    keyLabel: headerLabel === undefined ? "an idempotency key" : `an ${headerLabel} header`,
+    header: headerLabel,
     inFlightRetryAfterSeconds: decoded.inFlightRetryAfterSeconds,
     wait
   }
-  const invalidContext: ProblemContext = {
-    ...problemContext,
-    keyLabel: headerLabel === undefined ? "the idempotency key" : `the ${headerLabel} header`
-  }
-  const problemFor = (error: WrapError | IdempotencyKeyMissing) =>
-    problemOf(error, error._tag === "IdempotencyKeyMissing" ? problemContext : invalidContext)
+  const problemFor = (error: WrapError | IdempotencyKeyMissing) => problemOf(error, problemContext)
 
   // The type URI as sent: the default page's, or the same slug after the user's base.
   const typeUri = (type: string) =>
