@@ -992,13 +992,16 @@ for (const c of cases) {
             const storage = yield* storageOn()
             const key = uniqueKey("tx-long")
             const gate = yield* Deferred.make<void>()
+            // Renewals every third of the lease must each land within the lease less its margin
+            // (1.6 s here): wide enough for a loaded machine, while the run still outlives the lease.
+            const lease = Duration.seconds(2)
             const run = yield* Effect.fork(
               Effect.zipRight(insertOrder(key), Effect.as(Deferred.await(gate), "placed")).pipe(
-                Idempotent.wrap({ key, transactional: true, lease: "300 millis" }),
+                Idempotent.wrap({ key, transactional: true, lease }),
                 Effect.provideService(Storage.Storage, storage)
               )
             )
-            yield* Effect.sleep("1 second")
+            yield* Effect.sleep(Duration.sum(lease, Duration.millis(500)))
             // Another connection sees the lease while the transaction is open. (SQLite has one
             // writer: another connection would wait for the transaction.)
             if (c.dialect !== "sqlite") {
