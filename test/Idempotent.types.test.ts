@@ -165,6 +165,26 @@ describe("Idempotent.wrap without a schema: plain JSON data replays deep-equal",
     }).pipe(Effect.provide(MemoryStorage.layer())))
 })
 
+describe("Idempotent.wrap with a schema whose encoded side is not JSON", () => {
+  it.effect("is refused before it is stored (it could never be replayed): not stored, key released", () =>
+    Effect.gen(function*() {
+      let runs = 0
+      const call = Effect.sync(() => {
+        runs++
+        return new Date(0)
+      }).pipe(Idempotent.wrap({ key: "date-from-self", success: Schema.DateFromSelf }))
+      const error = failsWith(yield* Effect.exit(call), IdempotencyResultNotStored)
+      assert.strictEqual(error.reason, "unencodable")
+      assert.include(error.detail, "the schema's encoded form is not JSON data (a Date)")
+      yield* Effect.exit(call)
+      assert.strictEqual(runs, 2)
+      // The JSON-encoded Date schema stores and replays.
+      const stored = Effect.sync(() => new Date(0)).pipe(Idempotent.wrap({ key: "date", success: Schema.Date }))
+      assert.strictEqual((yield* stored).getTime(), 0)
+      assert.strictEqual((yield* stored).getTime(), 0)
+    }).pipe(Effect.provide(MemoryStorage.layer())))
+})
+
 describe("Idempotent.wrapWithInfo: a replay is told from a first run", () => {
   it.effect("first run: replayed false; every replay: replayed true, the same fence and createdAt", () =>
     Effect.gen(function*() {

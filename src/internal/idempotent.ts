@@ -27,8 +27,7 @@ import * as Storage from "../Storage.js"
 import { keyHash } from "./fingerprint.js"
 import * as LocalFlights from "./localFlights.js"
 import * as metrics from "./metrics.js"
-import { NotPlainJson } from "./plainJson.js"
-import type { ResultCodec } from "./resultCodec.js"
+import { NotStorable, type ResultCodec } from "./resultCodec.js"
 import * as wait from "./wait.js"
 
 /**
@@ -588,7 +587,7 @@ export const runCompleted = <A, E, R>(
       ): Either.Either<Uint8Array, readonly [ResultNotStoredReason, string, unknown]> => {
         const payload = codec.encodeSuccess(value)
         if (Either.isLeft(payload)) {
-          const detail = payload.left instanceof NotPlainJson
+          const detail = payload.left instanceof NotStorable
             ? payload.left.message
             : "the success schema could not encode the result"
           return Either.left(["unencodable", detail, payload.left] as const)

@@ -10,10 +10,7 @@
 /** Why a value cannot be stored as plain JSON data; `path` points at the offending part. */
 export class NotPlainJson extends Error {
   constructor(readonly path: string, readonly what: string) {
-    super(
-      `the result is not plain JSON data: ${what}${path === "" ? "" : ` at ${path}`}. ` +
-        "Pass a `success` schema to store it"
-    )
+    super(`${what}${path === "" ? "" : ` at ${path}`}`)
   }
 }
 

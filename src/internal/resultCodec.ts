@@ -26,13 +26,31 @@ const textEncoder = new TextEncoder()
 const textDecoder = new TextDecoder()
 const empty = new Uint8Array(0)
 
-// `undefined` (an `Effect<void>`) has no JSON text; it is stored as an empty payload.
-const toBytes = (encoded: unknown): Uint8Array => {
+/**
+ * Why a result was not stored: what it holds that JSON cannot carry, and what to do about it.
+ *
+ * @internal
+ */
+export class NotStorable extends Error {}
+
+// `undefined` (an `Effect<void>`) has no JSON text; it is stored as an empty payload. Anything
+// else must be JSON data, or the replay would decode something other than what was stored.
+const checkedBytes = (encoded: unknown, explain: (problem: PlainJson.NotPlainJson) => string): Uint8Array => {
   if (encoded === undefined) return empty
-  const json = JSON.stringify(encoded)
-  if (json === undefined) throw new TypeError(`a ${typeof encoded} is not a JSON value`)
+  const json = PlainJson.stringify(encoded)
+  if (typeof json !== "string") throw new NotStorable(explain(json))
   return textEncoder.encode(json)
 }
+
+// A schema whose encoded side is not JSON (`Schema.DateFromSelf`, say) would store a value that
+// its own decoder refuses on every replay.
+const schemaOutputBytes = (encoded: unknown) =>
+  checkedBytes(
+    encoded,
+    (problem) =>
+      `the schema's encoded form is not JSON data (${problem.message}): use a schema whose encoded side is JSON, ` +
+      "such as Schema.Date rather than Schema.DateFromSelf"
+  )
 
 const fromBytes = (payload: Uint8Array): unknown =>
   payload.length === 0 ? undefined : JSON.parse(textDecoder.decode(payload))
@@ -54,7 +72,7 @@ const schemaCodec = (schema: AnySchema): SchemaCodec => {
     codec = {
       encode: Schema.encodeUnknownEither(schema),
       decode: Schema.decodeUnknownEither(schema),
-      stringify: toBytes
+      stringify: schemaOutputBytes
     }
     schemaCodecs.set(schema, codec)
   }
@@ -66,12 +84,11 @@ const schemaCodec = (schema: AnySchema): SchemaCodec => {
 const plainJsonCodec: SchemaCodec = {
   encode: Either.right,
   decode: Either.right,
-  stringify: (value) => {
-    if (value === undefined) return empty
-    const json = PlainJson.stringify(value)
-    if (typeof json !== "string") throw json
-    return textEncoder.encode(json)
-  }
+  stringify: (value) =>
+    checkedBytes(
+      value,
+      (problem) => `the result is not plain JSON data: ${problem.message}. Pass a \`success\` schema to store it`
+    )
 }
 
 // A schema's own transformation may throw: that is an unencodable result, not a defect that
