@@ -11,7 +11,7 @@ import { MysqlMigrator } from "@effect/sql-mysql2"
 import { PgMigrator } from "@effect/sql-pg"
 import { SqliteMigrator } from "@effect/sql-sqlite-node"
 import { afterAll, assert, describe, it } from "@effect/vitest"
-import { Config, ConfigError, ConfigProvider, Context, Effect, Layer, type Scope, Tracer } from "effect"
+import { Config, ConfigError, ConfigProvider, Context, Effect, Layer, type Scope } from "effect"
 import { spawn } from "node:child_process"
 import { randomUUID } from "node:crypto"
 import { join } from "node:path"
@@ -26,7 +26,8 @@ import {
   mysqlSocket,
   pgClient,
   pgUrl,
-  sqliteClient
+  sqliteClient,
+  statementTracer
 } from "./fixtures/sqlClients.js"
 
 const { IdempotencyStorageSetupError } = IdempotencyError
@@ -214,38 +215,6 @@ const expectedObjects = (dialect: Dialect, table: string): ReadonlyArray<string>
     case "sqlite":
       return [table, `${table}_expires_at_idx`].sort()
   }
-}
-
-/** A tracer that records the text of every statement that `@effect/sql` runs. */
-const statementTracer = (queries: Array<string>): Tracer.Tracer => {
-  const native = Tracer.make({
-    span: (name, parent, context, links, startTime, kind) => {
-      const attributes = new Map<string, unknown>()
-      return {
-        _tag: "Span",
-        name,
-        spanId: randomUUID(),
-        traceId: "statements",
-        parent,
-        context,
-        status: { _tag: "Started", startTime },
-        attributes,
-        links,
-        sampled: true,
-        kind,
-        end() {
-          if (name === "sql.execute") queries.push(String(attributes.get("db.query.text")).trim())
-        },
-        attribute(key, value) {
-          attributes.set(key, value)
-        },
-        event() {},
-        addLinks() {}
-      }
-    },
-    context: (f) => f()
-  })
-  return native
 }
 
 const isDdl = (query: string) => /^(CREATE|ALTER|COMMENT|DROP)\b/i.test(query)

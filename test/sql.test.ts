@@ -24,8 +24,7 @@ import {
   Option,
   Redacted,
   Schema,
-  type Scope,
-  Tracer
+  type Scope
 } from "effect"
 import { createHash, randomBytes, randomUUID } from "node:crypto"
 import { mkdtempSync, rmSync } from "node:fs"
@@ -40,7 +39,8 @@ import {
   isolationLevels,
   mysqlClient as fixtureMysqlClient,
   pgClient as fixturePgClient,
-  postgresFunctions
+  postgresFunctions,
+  statementTracer
 } from "./fixtures/sqlClients.js"
 
 const { IdempotencyStorageError, IdempotencyStorageSetupError } = IdempotencyError
@@ -172,40 +172,6 @@ const eventually = <E, R>(
       if (Date.now() > deadline) return assert.fail(`${what}: not within ${Duration.format(Duration.decode(within))}`)
       yield* Effect.sleep("50 millis")
     }
-  })
-
-/** A tracer that records the text of every statement that `@effect/sql` runs. */
-const statementTracer = (queries: Array<string>): Tracer.Tracer =>
-  Tracer.make({
-    span: (name, parent, context, links, startTime, kind) => {
-      const attributes = new Map<string, unknown>()
-      let status: Tracer.SpanStatus = { _tag: "Started", startTime }
-      return {
-        _tag: "Span",
-        name,
-        spanId: randomUUID(),
-        traceId: "statements",
-        parent,
-        context,
-        get status() {
-          return status
-        },
-        attributes,
-        links,
-        sampled: true,
-        kind,
-        end(endTime, exit) {
-          status = { _tag: "Ended", startTime, endTime, exit }
-          if (name === "sql.execute") queries.push(String(attributes.get("db.query.text")).trim())
-        },
-        attribute(key, value) {
-          attributes.set(key, value)
-        },
-        event() {},
-        addLinks() {}
-      }
-    },
-    context: (f) => f()
   })
 
 const statementsOf = <A, E, R>(effect: Effect.Effect<A, E, R>) =>
