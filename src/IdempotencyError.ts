@@ -11,12 +11,16 @@ import * as Predicate from "effect/Predicate"
 import * as Schema from "effect/Schema"
 
 /**
+ * The brand every error of this module carries, which `isIdempotencyError` tests.
+ *
  * @since 0.1.0
  * @category Type IDs
  */
 export const TypeId: unique symbol = Symbol.for("effect-idempotency/IdempotencyError")
 
 /**
+ * The type of `TypeId`, the brand every error of this module carries.
+ *
  * @since 0.1.0
  * @category Type IDs
  */
@@ -24,6 +28,20 @@ export type TypeId = typeof TypeId
 
 /**
  * Tells whether a value is one of this library's errors.
+ *
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { IdempotencyError, Idempotent, MemoryStorage } from "effect-idempotency"
+ *
+ * const program = Effect.succeed("done").pipe(
+ *   Idempotent.wrap({ key: "" }),
+ *   Effect.catchIf(IdempotencyError.isIdempotencyError, (error) => Effect.succeed(`refused: ${error._tag}`)),
+ *   Effect.provide(MemoryStorage.layer())
+ * )
+ *
+ * Effect.runPromise(program).then(console.log) // refused: IdempotencyKeyInvalid
+ * ```
  *
  * @since 0.1.0
  * @category Refinements
@@ -42,11 +60,15 @@ export class IdempotencyKeyMissing extends Schema.TaggedError<IdempotencyKeyMiss
   key: Schema.String
 }) {
   /**
+   * Brands the error for `isIdempotencyError`.
+   *
    * @since 0.1.0
    */
   readonly [TypeId]: TypeId = TypeId
 
   /**
+   * What went wrong, in words, with what to do about it where there is something to do.
+   *
    * @since 0.1.0
    */
   get message(): string {
@@ -78,6 +100,8 @@ export const KeyInvalidReason = Schema.Literal(
 )
 
 /**
+ * Why a key was refused: one of the `KeyInvalidReason` literals.
+ *
  * @since 0.1.0
  * @category Errors
  */
@@ -97,11 +121,15 @@ export class IdempotencyKeyInvalid extends Schema.TaggedError<IdempotencyKeyInva
   detail: Schema.String
 }) {
   /**
+   * Brands the error for `isIdempotencyError`.
+   *
    * @since 0.1.0
    */
   readonly [TypeId]: TypeId = TypeId
 
   /**
+   * What went wrong, in words, with what to do about it where there is something to do.
+   *
    * @since 0.1.0
    */
   get message(): string {
@@ -123,11 +151,15 @@ export class IdempotencyKeyReused extends Schema.TaggedError<IdempotencyKeyReuse
   key: Schema.String
 }) {
   /**
+   * Brands the error for `isIdempotencyError`.
+   *
    * @since 0.1.0
    */
   readonly [TypeId]: TypeId = TypeId
 
   /**
+   * What went wrong, in words, with what to do about it where there is something to do.
+   *
    * @since 0.1.0
    */
   get message(): string {
@@ -150,11 +182,15 @@ export class IdempotencyInFlight extends Schema.TaggedError<IdempotencyInFlight>
   retryAfter: Schema.DurationFromMillis
 }) {
   /**
+   * Brands the error for `isIdempotencyError`.
+   *
    * @since 0.1.0
    */
   readonly [TypeId]: TypeId = TypeId
 
   /**
+   * What went wrong, in words, with what to do about it where there is something to do.
+   *
    * @since 0.1.0
    */
   get message(): string {
@@ -176,11 +212,15 @@ export class IdempotencyLeaseLost extends Schema.TaggedError<IdempotencyLeaseLos
   fence: Schema.Number
 }) {
   /**
+   * Brands the error for `isIdempotencyError`.
+   *
    * @since 0.1.0
    */
   readonly [TypeId]: TypeId = TypeId
 
   /**
+   * What went wrong, in words, with what to do about it where there is something to do.
+   *
    * @since 0.1.0
    */
   get message(): string {
@@ -216,6 +256,8 @@ export const StorageOperation = Schema.Literal(
 )
 
 /**
+ * The storage step that failed: one of the `StorageOperation` literals.
+ *
  * @since 0.1.0
  * @category Errors
  */
@@ -239,11 +281,15 @@ export class IdempotencyStorageError extends Schema.TaggedError<IdempotencyStora
   retryable: Schema.optional(Schema.Boolean)
 }) {
   /**
+   * Brands the error for `isIdempotencyError`.
+   *
    * @since 0.1.0
    */
   readonly [TypeId]: TypeId = TypeId
 
   /**
+   * What went wrong, in words, with what to do about it where there is something to do.
+   *
    * @since 0.1.0
    */
   get message(): string {
@@ -269,11 +315,15 @@ export class IdempotencyStorageSetupError extends Schema.TaggedError<Idempotency
   cause: Schema.optional(Schema.Defect)
 }) {
   /**
+   * Brands the error for `isIdempotencyError`.
+   *
    * @since 0.1.0
    */
   readonly [TypeId]: TypeId = TypeId
 
   /**
+   * What went wrong, in words, with what to do about it where there is something to do.
+   *
    * @since 0.1.0
    */
   get message(): string {
@@ -297,6 +347,8 @@ export class IdempotencyStorageSetupError extends Schema.TaggedError<Idempotency
 export const ResultNotStoredReason = Schema.Literal("too-large", "unencodable", "storage-failed")
 
 /**
+ * Why a result was not stored: one of the `ResultNotStoredReason` literals.
+ *
  * @since 0.1.0
  * @category Errors
  */
@@ -319,11 +371,15 @@ export class IdempotencyResultNotStored extends Schema.TaggedError<IdempotencyRe
   cause: Schema.optional(Schema.Defect)
 }) {
   /**
+   * Brands the error for `isIdempotencyError`.
+   *
    * @since 0.1.0
    */
   readonly [TypeId]: TypeId = TypeId
 
   /**
+   * What went wrong, in words, with what to do about it where there is something to do.
+   *
    * @since 0.1.0
    */
   get message(): string {
@@ -346,11 +402,15 @@ export class IdempotencyRecordUndecodable extends Schema.TaggedError<Idempotency
   cause: Schema.optional(Schema.Defect)
 }) {
   /**
+   * Brands the error for `isIdempotencyError`.
+   *
    * @since 0.1.0
    */
   readonly [TypeId]: TypeId = TypeId
 
   /**
+   * What went wrong, in words, with what to do about it where there is something to do.
+   *
    * @since 0.1.0
    */
   get message(): string {
@@ -372,11 +432,15 @@ export class IdempotencyOptionsInvalid extends Schema.TaggedError<IdempotencyOpt
   detail: Schema.String
 }) {
   /**
+   * Brands the error for `isIdempotencyError`.
+   *
    * @since 0.1.0
    */
   readonly [TypeId]: TypeId = TypeId
 
   /**
+   * What went wrong, in words, with what to do about it where there is something to do.
+   *
    * @since 0.1.0
    */
   get message(): string {
@@ -385,6 +449,9 @@ export class IdempotencyOptionsInvalid extends Schema.TaggedError<IdempotencyOpt
 }
 
 /**
+ * Any error of this module. Narrow it with `isIdempotencyError`, or handle each tag with
+ * `Effect.catchTags`.
+ *
  * @since 0.1.0
  * @category Errors
  */

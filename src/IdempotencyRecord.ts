@@ -17,6 +17,8 @@ import * as Schema from "effect/Schema"
 export const Outcome = Schema.Literal("success", "failure")
 
 /**
+ * `"success"` or `"failure"`: one of the `Outcome` literals.
+ *
  * @since 0.1.0
  * @category Models
  */
@@ -47,12 +49,16 @@ export const IdempotencyRecord = Schema.Struct({
 }).annotations({ identifier: "IdempotencyRecord" })
 
 /**
+ * A stored result: the decoded side of the `IdempotencyRecord` schema.
+ *
  * @since 0.1.0
  * @category Models
  */
 export interface IdempotencyRecord extends Schema.Schema.Type<typeof IdempotencyRecord> {}
 
 /**
+ * The JSON form of a record, as `Schema.encode(IdempotencyRecord)` gives it to a document store.
+ *
  * @since 0.1.0
  * @category Models
  */

@@ -43,12 +43,16 @@ import type * as Storage from "./Storage.js"
 export const Execution: typeof internal.Execution = internal.Execution
 
 /**
+ * What the wrapped effect reads from the `Execution` service.
+ *
  * @since 0.1.0
  * @category Models
  */
 export type Execution = internal.Execution
 
 /**
+ * What the wrapped effect can read about its own run: its key and the fence of this acquisition.
+ *
  * @since 0.1.0
  * @category Models
  */
@@ -87,6 +91,9 @@ export const currentExecution: Effect.Effect<Option.Option<ExecutionInfo>> = Eff
 export type OnInFlight = "fail" | { readonly wait: Duration.DurationInput }
 
 /**
+ * Options of `Idempotent.wrap`: the key, the fingerprint and how long to keep the record and the
+ * lease. Without a `success` schema the result must be plain JSON data.
+ *
  * @since 0.1.0
  * @category Models
  */

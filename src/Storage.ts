@@ -109,18 +109,25 @@ export interface Capabilities {
 }
 
 /**
+ * The brand every `StorageService` carries.
+ *
  * @since 0.1.0
  * @category Type IDs
  */
 export const TypeId: unique symbol = Symbol.for("effect-idempotency/Storage")
 
 /**
+ * The type of `TypeId`.
+ *
  * @since 0.1.0
  * @category Type IDs
  */
 export type TypeId = typeof TypeId
 
 /**
+ * The storage protocol a backend implements: acquire a lease on a key, renew it, commit the result,
+ * release, read and delete records, and watch a key until it changes.
+ *
  * @since 0.1.0
  * @category Models
  */
@@ -171,6 +178,24 @@ export class Storage extends Context.Tag("effect-idempotency/Storage")<Storage, 
 
 /**
  * Builds a {@link StorageService}, adding the type id.
+ *
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { MemoryStorage, Storage } from "effect-idempotency"
+ *
+ * // A storage that counts acquisitions and leaves the rest to memory storage.
+ * const makeCounting = Effect.gen(function*() {
+ *   const inner = yield* MemoryStorage.make()
+ *   let acquisitions = 0
+ *   const storage = Storage.make({
+ *     ...inner,
+ *     backend: "counting-memory",
+ *     acquire: (request) => Effect.suspend(() => (acquisitions++, inner.acquire(request)))
+ *   })
+ *   return { storage, acquisitions: () => acquisitions }
+ * })
+ * ```
  *
  * @since 0.1.0
  * @category Constructors
@@ -241,6 +266,46 @@ const markerKey = (key: string) => `${key}\u001fin-flight`
  * - **Waiting polls** every `pollInterval`.
  * - **More round trips.** Acquire reads the record, takes the lock, reads again (a commit may have
  *   landed in between), then writes an in-flight marker that carries the fingerprint.
+ *
+ * @example
+ * ```ts
+ * import { Clock, Duration, Effect, Layer, Option } from "effect"
+ * import { type IdempotencyRecord, Storage } from "effect-idempotency"
+ *
+ * // A basic store over two Maps with expiry; a document store (MongoDB, DynamoDB...) has the same shape.
+ * const records = new Map<string, { readonly record: IdempotencyRecord.IdempotencyRecord; readonly until: number }>()
+ * const locks = new Map<string, { readonly token: string; readonly until: number }>()
+ *
+ * const basic: Storage.BasicStorage = {
+ *   get: (key) =>
+ *     Effect.map(Clock.currentTimeMillis, (now) => {
+ *       const entry = records.get(key)
+ *       return entry !== undefined && entry.until > now ? Option.some(entry.record) : Option.none()
+ *     }),
+ *   set: (record, ttl) =>
+ *     Effect.map(Clock.currentTimeMillis, (now) => {
+ *       records.set(record.key, { record, until: now + Duration.toMillis(ttl) })
+ *     }),
+ *   delete: (key) => Effect.sync(() => void records.delete(key)),
+ *   exists: (key) => Effect.map(Clock.currentTimeMillis, (now) => (records.get(key)?.until ?? 0) > now),
+ *   tryLock: (key, ttl) =>
+ *     Effect.map(Clock.currentTimeMillis, (now) => {
+ *       if ((locks.get(key)?.until ?? 0) > now) return Option.none()
+ *       const token = Storage.makeToken()
+ *       locks.set(key, { token, until: now + Duration.toMillis(ttl) })
+ *       return Option.some(token)
+ *     }),
+ *   unlock: (key, token) =>
+ *     Effect.map(Clock.currentTimeMillis, (now) => {
+ *       const held = locks.get(key)
+ *       if (held === undefined || held.token !== token || held.until <= now) return false
+ *       locks.delete(key)
+ *       return true
+ *     })
+ * }
+ *
+ * const MapStorageLive = Layer.succeed(Storage.Storage, Storage.fromBasic(basic, { backend: "map" }))
+ * ```
  *
  * @since 0.1.0
  * @category Constructors
@@ -346,6 +411,13 @@ export const fromBasic = (basic: BasicStorage, options?: FromBasicOptions): Stor
 
 /**
  * A fresh random owner token, for backends that mint their own.
+ *
+ * @example
+ * ```ts
+ * import { Storage } from "effect-idempotency"
+ *
+ * const token = Storage.makeToken() // a new random string on every call
+ * ```
  *
  * @since 0.1.0
  * @category Constructors

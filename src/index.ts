@@ -1,4 +1,8 @@
 /**
+ * Idempotency keys for Effect: `Idempotent.wrap` runs an effect once per key and replays its stored
+ * result to every retry, on the storage the `Storage` layer provides (memory here; Redis, SQL and
+ * the HTTP middleware in their own entry points).
+ *
  * @since 0.1.0
  */
 

@@ -34,6 +34,9 @@ import * as internalToken from "./internal/token.js"
 import * as Storage from "./Storage.js"
 
 /**
+ * Options of the conformance suite: the base lease and TTL of its timing tests, whether builds of
+ * the layer share their data, and the timeout of each test.
+ *
  * @since 0.1.0
  * @category Models
  */
@@ -73,6 +76,15 @@ const randomBytes = (size: number) => {
 
 /**
  * Registers the conformance suite for a storage layer.
+ *
+ * @example
+ * ```ts
+ * // test/my-storage.test.ts, run by vitest: the whole suite against your layer.
+ * import { MemoryStorage } from "effect-idempotency"
+ * import { conformance } from "effect-idempotency/testing"
+ *
+ * conformance("MemoryStorage", MemoryStorage.layer())
+ * ```
  *
  * @since 0.1.0
  * @category Testing

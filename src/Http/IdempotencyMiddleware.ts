@@ -117,6 +117,8 @@ export const ProblemType = {
 } as const
 
 /**
+ * One of the `ProblemType` URIs.
+ *
  * @since 0.1.0
  * @category Problems
  */
@@ -337,6 +339,18 @@ const notStoredStatuses: ReadonlySet<number> = new Set([400, 401, 403, 408, 411,
  * The default of the `store` option: every status below 500 except the refusals a retry must
  * not be held to (400, 401, 403, 408, 411, 413, 415, 422, 425, 429). Compose with it to store
  * more or less: `store: (status) => IdempotencyMiddleware.defaultStore(status) || status === 429`.
+ *
+ * @example
+ * ```ts
+ * import * as IdempotencyMiddleware from "effect-idempotency/Http/IdempotencyMiddleware"
+ *
+ * // Store 429 answers too, so that a client retrying too soon is answered the same until it waits.
+ * const middleware = IdempotencyMiddleware.make({
+ *   store: (status) => IdempotencyMiddleware.defaultStore(status) || status === 429
+ * })
+ *
+ * console.log(IdempotencyMiddleware.defaultStore(201), IdempotencyMiddleware.defaultStore(422)) // true false
+ * ```
  *
  * @since 0.1.0
  * @category Options

@@ -22,6 +22,8 @@ import * as internalToken from "../internal/token.js"
 import * as Storage from "../Storage.js"
 
 /**
+ * Options of the in-memory storage layer.
+ *
  * @since 0.1.0
  * @category Models
  */
@@ -49,6 +51,24 @@ interface InFlightEntry {
  * Every operation reads the clock, then changes the maps in one synchronous step: JavaScript runs
  * one fiber at a time, so each step is atomic without a lock, and cheaper than a `Ref` of an
  * immutable map would be on the hot path.
+ *
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import { Idempotent, MemoryStorage, Storage } from "effect-idempotency"
+ *
+ * const program = Effect.scoped(
+ *   Effect.gen(function*() {
+ *     const storage = yield* MemoryStorage.make({ maxEntries: 10_000 })
+ *     return yield* Effect.succeed(42).pipe(
+ *       Idempotent.wrap({ key: "job-1" }),
+ *       Effect.provideService(Storage.Storage, storage)
+ *     )
+ *   })
+ * )
+ *
+ * Effect.runPromise(program).then(console.log) // 42
+ * ```
  *
  * @since 0.1.0
  * @category Constructors

@@ -134,6 +134,8 @@ export class RedisEvictionPolicyUnsafe extends Schema.TaggedError<RedisEvictionP
   policy: Schema.String
 }) {
   /**
+   * What went wrong, in words, with what to do about it.
+   *
    * @since 0.1.0
    */
   get message(): string {
@@ -156,6 +158,8 @@ export class RedisReplicasNotAcknowledged extends Schema.TaggedError<RedisReplic
   timeoutMillis: Schema.Number
 }) {
   /**
+   * What went wrong, in words, with what to do about it.
+   *
    * @since 0.1.0
    */
   get message(): string {
@@ -177,6 +181,8 @@ export class RedisValueTooLarge extends Schema.TaggedError<RedisValueTooLarge>(
   limit: Schema.Number
 }) {
   /**
+   * What went wrong, in words, with what to do about it.
+   *
    * @since 0.1.0
    */
   get message(): string {
@@ -432,6 +438,16 @@ interface Channel {
  * is not `redis://` or `rediss://`, a prefix holding `{` or `}` or an invalid `waitForReplicas`
  * (cause `IdempotencyOptionsInvalid`); or for a `maxmemory-policy` that may evict keys (cause
  * {@link RedisEvictionPolicyUnsafe}, unless `onEvictionRisk: "warn"`).
+ *
+ * @example
+ * ```ts
+ * import { Layer, Redacted } from "effect"
+ * import { Storage } from "effect-idempotency"
+ * import * as RedisStorage from "effect-idempotency/Storage/Redis"
+ *
+ * // What RedisStorage.layer does: the connections close with the layer's scope.
+ * const RedisLive = Layer.scoped(Storage.Storage, RedisStorage.make({ url: Redacted.make("redis://127.0.0.1:6379") }))
+ * ```
  *
  * @since 0.1.0
  * @category Constructors
@@ -871,6 +887,18 @@ export const layer = (options: RedisStorageOptions): Layer.Layer<Storage.Storage
 /**
  * A Redis storage layer read from `Config`, for example
  * `RedisStorage.layerConfig({ url: Config.redacted("REDIS_URL") })`.
+ *
+ * @example
+ * ```ts
+ * import { Config, Effect } from "effect"
+ * import { Idempotent } from "effect-idempotency"
+ * import * as RedisStorage from "effect-idempotency/Storage/Redis"
+ *
+ * // REDIS_URL is read when the layer is built; a missing one fails with a ConfigError.
+ * const RedisLive = RedisStorage.layerConfig({ url: Config.redacted("REDIS_URL") })
+ *
+ * const program = Effect.succeed(42).pipe(Idempotent.wrap({ key: "job-1" }), Effect.provide(RedisLive))
+ * ```
  *
  * @since 0.1.0
  * @category Layers

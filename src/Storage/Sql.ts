@@ -148,6 +148,8 @@ import * as wait from "../internal/wait.js"
 import * as Storage from "../Storage.js"
 
 /**
+ * Options of the SQL storage layers.
+ *
  * @since 0.1.0
  * @category Models
  */
@@ -701,6 +703,23 @@ interface Watched {
  * PostgreSQL, MySQL or SQLite, an invalid option, a schema that is missing or older with
  * `createSchema: false` or that cannot be created, or a `PgClient` in context whose `LISTEN`
  * cannot be confirmed within `timeout`.
+ *
+ * @example
+ * ```ts
+ * import { SqliteClient } from "@effect/sql-sqlite-node"
+ * import { Effect, Layer } from "effect"
+ * import { Idempotent, Storage } from "effect-idempotency"
+ * import * as SqlStorage from "effect-idempotency/Storage/Sql"
+ *
+ * // What SqlStorage.layer does, here on an in-memory SQLite database.
+ * const StorageLive = Layer.scoped(Storage.Storage, SqlStorage.make({ table: "idempotency_records" })).pipe(
+ *   Layer.provide(SqliteClient.layer({ filename: ":memory:" }))
+ * )
+ *
+ * const program = Effect.succeed(42).pipe(Idempotent.wrap({ key: "job-1" }), Effect.provide(StorageLive))
+ *
+ * Effect.runPromise(program).then(console.log) // 42
+ * ```
  *
  * @since 0.1.0
  * @category Constructors
