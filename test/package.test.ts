@@ -618,20 +618,10 @@ process.stdout.write("@@RESULT@@" + JSON.stringify({
 }) + "\\n")
 `
 
+// The consumer's settings, checking the JavaScript programs that ran.
 const appTsconfig = {
-  compilerOptions: {
-    target: "ES2022",
-    lib: ["ES2022"],
-    types: ["node"],
-    module: "NodeNext",
-    moduleResolution: "NodeNext",
-    strict: true,
-    exactOptionalPropertyTypes: true,
-    skipLibCheck: true,
-    allowJs: true,
-    checkJs: true,
-    noEmit: true
-  },
+  ...consumerTsconfig,
+  compilerOptions: { ...consumerTsconfig.compilerOptions, allowJs: true, checkJs: true },
   files: ["root.mjs", "backends.mjs"]
 }
 
