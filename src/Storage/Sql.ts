@@ -209,6 +209,10 @@ const expiryMillis = (duration: Duration.Duration): number => {
   return Number.isFinite(millis) ? Math.min(Math.max(1, Math.ceil(millis)), maxExpiryMillis) : maxExpiryMillis
 }
 
+// Every way the layer (or `schema`) refuses to start says so with one error, naming the fix.
+const setupError = (detail: string, cause?: unknown) =>
+  new IdempotencyStorageSetupError(cause === undefined ? { backend: "sql", detail } : { backend: "sql", detail, cause })
+
 /** A row as the statements return it; drivers differ in how they type numbers. */
 interface Row {
   readonly token: string | null
@@ -737,7 +741,7 @@ export const make = (
     const timeoutMillis = Duration.toMillis(timeout)
     const pollCapMillis = Math.max(maxPollMillis, pollMillis)
 
-    const configure = (detail: string) => new IdempotencyStorageSetupError({ backend: "sql", detail })
+    const configure = (detail: string) => setupError(detail)
 
     const invalidTable = SqlSchema.invalidTable(table)
     if (invalidTable !== undefined) return yield* configure(invalidTable)
@@ -809,7 +813,7 @@ export const make = (
     // The layer's own statements (creating the schema, reading settings) fail the layer's build.
     const setupCall = <A>(doing: string, statement: Effect.Effect<A, SqlError>) =>
       bounded(
-        (cause) => new IdempotencyStorageSetupError({ backend: "sql", detail: `${doing} failed`, cause }),
+        (cause) => setupError(`${doing} failed`, cause),
         statement
       )
 
@@ -1151,13 +1155,7 @@ const listen = (
       Effect.suspend(() => {
         Deferred.unsafeDone(
           firstReady,
-          Exit.fail(
-            new IdempotencyStorageSetupError({
-              backend: "sql",
-              detail: `LISTEN on ${channel} failed`,
-              cause: Cause.squash(cause)
-            })
-          )
+          Exit.fail(setupError(`LISTEN on ${channel} failed`, Cause.squash(cause)))
         )
         if (state.ready) {
           state.ready = false
@@ -1177,11 +1175,7 @@ const listen = (
     yield* Deferred.await(firstReady).pipe(
       Effect.timeoutFail({
         duration: timeout,
-        onTimeout: () =>
-          new IdempotencyStorageSetupError({
-            backend: "sql",
-            detail: `LISTEN on ${channel} was not confirmed within ${Duration.format(timeout)}`
-          })
+        onTimeout: () => setupError(`LISTEN on ${channel} was not confirmed within ${Duration.format(timeout)}`)
       })
     )
     return state
@@ -1325,12 +1319,11 @@ export const schema = (options: {
 }): SqlStorageSchema => {
   const table = options.table ?? SqlSchema.defaultTable
   const dialect = options.dialect
-  const refuse = (detail: string) => new IdempotencyStorageSetupError({ backend: "sql", detail })
   if (!SqlSchema.dialects.includes(dialect)) {
-    throw refuse(`the dialect ${JSON.stringify(dialect)} is not one of ${SqlSchema.dialects.join(", ")}`)
+    throw setupError(`the dialect ${JSON.stringify(dialect)} is not one of ${SqlSchema.dialects.join(", ")}`)
   }
   const invalid = SqlSchema.invalidTable(table)
-  if (invalid !== undefined) throw refuse(invalid)
+  if (invalid !== undefined) throw setupError(invalid)
   const create = SqlSchema.createStatements(dialect, table)
   const drop = SqlSchema.dropStatements(dialect, table)
   return {
@@ -1381,7 +1374,7 @@ export const migrations = (options?: {
   const table = options?.table ?? SqlSchema.defaultTable
   const invalid = SqlSchema.invalidTable(table)
   const run = Effect.gen(function*() {
-    if (invalid !== undefined) return yield* new IdempotencyStorageSetupError({ backend: "sql", detail: invalid })
+    if (invalid !== undefined) return yield* setupError(invalid)
     const sql = yield* SqlClient.SqlClient
     const dialect: SqlDialect | undefined = sql.onDialectOrElse({
       pg: () => "pg" as const,
@@ -1390,10 +1383,7 @@ export const migrations = (options?: {
       orElse: () => undefined
     })
     if (dialect === undefined) {
-      return yield* new IdempotencyStorageSetupError({
-        backend: "sql",
-        detail: "the SQL client's dialect is not supported: use PostgreSQL, MySQL / MariaDB or SQLite"
-      })
+      return yield* setupError("the SQL client's dialect is not supported: use PostgreSQL, MySQL / MariaDB or SQLite")
     }
     for (const statement of SqlSchema.createStatements(dialect, table)) yield* sql.unsafe(statement)
   })
